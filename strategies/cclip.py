@@ -1,0 +1,143 @@
+"""Centered clipping, CCLIP (Karimireddy, He and Jaggi, "Learning from History for Byzantine
+Robust Optimization", ICML 2021).
+
+    v ← v + Σ_t p_t (Δ_t − v) · min(1, τ_c / ‖Δ_t − v‖₂),    L times from v₀,    A = v
+
+‖·‖₂ is over the whole federated parameter vector (every merged tensor), not per tensor.
+v₀ = 0 in a one-shot merge (the paper: L = 1, v₀ = 0); in multi-round FL, v₀ is the previous
+round's A. With τ_c = ∞ one step gives Σ_t p_t Δ_t, FedAvg, from any v₀.
+
+Streaming: each iteration needs every ‖Δ_t − v‖₂ before it can move v, so the rule reads the
+updates L + 1 times. Pass k (k < L) applies iteration k's step (k ≥ 1) and accumulates the
+distances for iteration k + 1; the last pass applies iteration L's step and yields A.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from fl_sim.errors import ConfigError
+from strategies.fedavg import fedavg
+from strategies.rule import Chunk, Rule, as_stacked
+
+
+def check_cclip(tau_c: float, iters: int) -> tuple[float, int]:
+    if not (tau_c > 0):  # also rejects NaN
+        raise ConfigError(f"cclip: tau_c must be > 0, got {tau_c} (set --tau-c)")
+    if isinstance(iters, bool) or int(iters) != iters or iters < 1:
+        raise ConfigError(f"cclip: iters must be an integer ≥ 1, got {iters} (set --iters)")
+    return float(tau_c), int(iters)
+
+
+def clip_scales(squared_distance: torch.Tensor, tau_c: float) -> torch.Tensor:
+    """s_t = min(1, τ_c / ‖Δ_t − v‖₂) from the squared distances ‖Δ_t − v‖₂²."""
+    distance = squared_distance.double().sqrt()
+    scale = torch.ones_like(distance)
+    far = distance > tau_c
+    scale[far] = tau_c / distance[far]
+    return scale
+
+
+def cclip_step(
+    deltas: torch.Tensor, center: torch.Tensor | None, weights: torch.Tensor, scales: torch.Tensor
+) -> torch.Tensor:
+    """v + Σ_t p_t s_t (Δ_t − v) = v (1 − Σ_t p_t s_t) + Σ_t p_t s_t Δ_t  (v = 0 when None)."""
+    ps = weights * scales
+    step = fedavg(deltas, ps)
+    if center is None:
+        return step
+    return step.add_(center, alpha=float(1.0 - ps.sum()))
+
+
+def squared_distances(deltas: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+    """‖Δ_t − v‖₂² over this slice, per client, accumulated in float64."""
+    diff = deltas if center is None else deltas - center
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1, dtype=torch.float64).square()
+
+
+def cclip(
+    deltas: Mapping[str, torch.Tensor],
+    weights: torch.Tensor,
+    tau_c: float,
+    iters: int = 1,
+    center: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """CCLIP over a whole model held in memory: ``deltas[name]`` is ``[T, ...]`` (Δ_t per row)."""
+    tau_c, iters = check_cclip(tau_c, iters)
+    stacked = {name: as_stacked(d) for name, d in deltas.items()}
+    v: dict[str, torch.Tensor | None] = {
+        name: (None if center is None else center[name]) for name in stacked
+    }
+    for _ in range(iters):
+        squared = sum(squared_distances(d, v[name]).cpu() for name, d in stacked.items())
+        scales = clip_scales(squared, tau_c)
+        v = {name: cclip_step(d, v[name], weights, scales) for name, d in stacked.items()}
+    return {
+        name: (t if t is not None else torch.zeros_like(stacked[name][0])) for name, t in v.items()
+    }
+
+
+class CClip(Rule):
+    """CCLIP streamed over chunks in L + 1 passes (see the module docstring)."""
+
+    name = "cclip"
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        tau_c: float,
+        iters: int = 1,
+        center: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(weights)
+        self.tau_c, self.iters = check_cclip(tau_c, iters)
+        self.num_passes = self.iters + 1
+        self.center = center  # v₀ per tensor name (any shape; read flattened), None = 0
+        self._v: dict[tuple[str, int], torch.Tensor] = {}  # v after the latest step, per chunk
+        self._squared = torch.zeros(weights.numel(), dtype=torch.float64)
+        self._scales: torch.Tensor | None = None
+        self.scales_per_iteration: list[list[float]] = []
+
+    def _current_center(self, chunk: Chunk, device: torch.device) -> torch.Tensor | None:
+        key = (chunk.name, chunk.start)
+        if key in self._v:
+            return self._v[key]
+        if self.center is None:
+            return None
+        return self.center[chunk.name].reshape(-1)[chunk.start : chunk.stop].to(device)
+
+    def _step(self, chunk: Chunk, deltas: torch.Tensor) -> torch.Tensor | None:
+        """Apply the pending iteration's step to this chunk's v, or return v₀ in pass 0."""
+        center = self._current_center(chunk, deltas.device)
+        if self._scales is None:
+            return center
+        center = cclip_step(deltas, center, self.weights.to(deltas.device), self._scales)
+        return center
+
+    def observe(self, pass_index: int, chunk: Chunk, deltas: torch.Tensor) -> None:
+        center = self._step(chunk, deltas)
+        if center is not None and self._scales is not None:
+            self._v[(chunk.name, chunk.start)] = center
+        self._squared += squared_distances(deltas, center).cpu()
+
+    def end_pass(self, pass_index: int) -> None:
+        scales = clip_scales(self._squared, self.tau_c)
+        self.scales_per_iteration.append([round(s, 8) for s in scales.tolist()])
+        self._scales = scales
+        self._squared.zero_()
+
+    def aggregate(self, chunk: Chunk, deltas: torch.Tensor) -> torch.Tensor:
+        result = self._step(chunk, deltas)
+        self._v.pop((chunk.name, chunk.start), None)
+        assert result is not None  # the last pass always follows at least one end_pass
+        return result
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "tau_c": self.tau_c if math.isfinite(self.tau_c) else "inf",
+            "iters": self.iters,
+            "clip_scales_per_iteration": self.scales_per_iteration,
+        }

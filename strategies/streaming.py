@@ -1,0 +1,240 @@
+"""The one code path that applies a rule to a model: tensor by tensor, chunk by chunk.
+
+    Δ_t = θ_t − θ₀ (``inputs="models"``) or given (``inputs="updates"``),
+    θ' = θ₀ + β · A(Δ₁..Δ_T)
+
+A Flower round (θ₀ = θʳ, updates from the clients) and an offline ``fl-sim merge`` (θ₀ = the
+base, fine-tuned models from disk) both run through ``aggregate_model``.
+
+Speed: every float tensor is cut into chunks of ``chunk_size`` elements; for each chunk the
+clients' Δ_t are written into one reused ``[T, chunk]`` buffer that stays in cache, the rule
+reduces it, and the result is written once into a reused output buffer. Each input byte is read
+once per pass and nothing of model size is allocated. Rules that are linear (A = Σ_t c_t Δ_t) and
+need no statistics skip Δ altogether: θ' = (1 − β Σ_t c_t) θ₀ + β Σ_t c_t θ_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fl_sim.errors import CheckpointError, ConfigError
+from strategies.rule import Chunk, Rule
+
+CPU_CHUNK = 1 << 18  # 1 MiB of float32: the [T, chunk] buffer stays in L2/L3
+CUDA_CHUNK = 1 << 24
+
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class UpdateStatistics:
+    """Σ over every merged coordinate of Δ_i·Δ_j (float64): norms and cosines of the updates."""
+
+    gram: torch.Tensor
+    coordinates: int = 0
+
+    @classmethod
+    def empty(cls, num_clients: int) -> UpdateStatistics:
+        return cls(torch.zeros(num_clients, num_clients, dtype=torch.float64))
+
+    def add(self, deltas: torch.Tensor) -> None:
+        self.gram += (deltas @ deltas.T).to(device="cpu", dtype=torch.float64)
+        self.coordinates += deltas.shape[1]
+
+    def norms(self) -> list[float]:
+        """‖Δ_t‖₂ over the whole federated parameter vector."""
+        return self.gram.diagonal().clamp_min(0).sqrt().tolist()
+
+    def cosines(self) -> list[list[float]]:
+        """cos(Δ_i, Δ_j); 0 where an update is all zeros."""
+        norms = self.gram.diagonal().clamp_min(0).sqrt()
+        outer = torch.outer(norms, norms)
+        cos = torch.where(outer > 0, self.gram / outer.clamp_min(1e-300), torch.zeros_like(outer))
+        return cos.tolist()
+
+
+@dataclass
+class TensorPlan:
+    """What the engine needs to know of one tensor before reading it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class AggregationOptions:
+    server_lr: float = 1.0
+    inputs: Literal["models", "updates"] = "models"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    out_dtype: torch.dtype | None = None  # None: each tensor keeps its dtype
+    chunk_size: int | None = None  # None: CPU_CHUNK on the CPU, CUDA_CHUNK on a GPU
+    statistics: bool = False
+    client_names: Sequence[str] | None = None  # for error messages ("checkpoint ft2.safetensors")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → the GPU when there is one, else the CPU; ``cuda`` without one is an error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "device 'cuda' asked for but torch sees no GPU (use --device cpu or auto)"
+        )
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def aggregate_model(
+    rule: Rule,
+    plans: Sequence[TensorPlan],
+    base: TensorGetter,
+    clients: Sequence[TensorGetter],
+    options: AggregationOptions,
+    *,
+    statistics: UpdateStatistics | None = None,
+    on_tensor_done: Callable[[TensorPlan, int], None] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, θ'[name])`` in ``plans`` order.
+
+    The yielded tensor is a view of a reused buffer on the CPU, valid until the next item:
+    write it out or ``clone()`` it. ``on_tensor_done(plan, pass_index)`` is called after each
+    tensor of each pass (progress bars, releasing memory-mapped pages).
+    """
+    num_clients = len(clients)
+    device = options.device
+    chunk_size = options.chunk_size or (CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
+    floats = [p for p in plans if p.dtype.is_floating_point]
+    largest = max((p.numel for p in plans), default=0)
+    widest = torch.float64 if any(p.dtype == torch.float64 for p in floats) else torch.float32
+    deltas_buffer = torch.empty(
+        num_clients, min(chunk_size, max(largest, 1)), dtype=widest, device=device
+    )
+    beta = float(options.server_lr)
+    coefficients = rule.linear_coefficients()
+    fused = coefficients is not None and not options.statistics and rule.num_passes == 1
+    names = list(options.client_names or [f"client {t}" for t in range(num_clients)])
+
+    def chunks(plan: TensorPlan) -> Iterator[Chunk]:
+        for start in range(0, plan.numel, chunk_size):
+            yield Chunk(plan.name, start, min(start + chunk_size, plan.numel))
+
+    def load(plan: TensorPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return base(plan.name).reshape(-1), [get(plan.name).reshape(-1) for get in clients]
+
+    def fill_deltas(
+        plan: TensorPlan, theta0: torch.Tensor, inputs: list[torch.Tensor], chunk: Chunk
+    ) -> torch.Tensor:
+        delta = deltas_buffer[:, : chunk.stop - chunk.start]
+        base_chunk = theta0[chunk.start : chunk.stop].to(device, non_blocking=True)
+        for t, x in enumerate(inputs):
+            x_chunk = x[chunk.start : chunk.stop].to(device, non_blocking=True)
+            if options.inputs == "models":
+                torch.sub(x_chunk, base_chunk, out=delta[t])
+            else:
+                delta[t].copy_(x_chunk)
+        if not is_finite(delta):
+            raise_non_finite(plan, chunk, inputs, names)
+        return delta
+
+    for pass_index in range(rule.num_passes - 1):
+        for plan in floats:
+            theta0, inputs = load(plan)
+            for chunk in chunks(plan):
+                rule.observe(pass_index, chunk, fill_deltas(plan, theta0, inputs, chunk))
+            if on_tensor_done:
+                on_tensor_done(plan, pass_index)
+        rule.end_pass(pass_index)
+
+    merged_buffer = torch.empty_like(deltas_buffer[0])
+    out_buffers: dict[torch.dtype, torch.Tensor] = {}
+    for plan in plans:
+        keep_dtype = not plan.dtype.is_floating_point or options.out_dtype is None
+        out_dtype = plan.dtype if keep_dtype else options.out_dtype
+        if out_dtype not in out_buffers:
+            out_buffers[out_dtype] = torch.empty(largest, dtype=out_dtype)
+        out = out_buffers[out_dtype][: plan.numel]
+        theta0, inputs = load(plan)
+        if not plan.dtype.is_floating_point:
+            check_equal_buffers(plan, theta0, inputs, names)
+            out.copy_(theta0)
+        for chunk in chunks(plan) if plan.dtype.is_floating_point else ():
+            merged = merged_buffer[: chunk.stop - chunk.start]
+            base_chunk = theta0[chunk.start : chunk.stop].to(device, non_blocking=True)
+            if fused:
+                # θ' = (1 − β Σ c_t) θ₀ + β Σ c_t θ_t   (updates: θ' = θ₀ + β Σ c_t Δ_t)
+                c0 = 1.0 - beta * float(coefficients.sum()) if options.inputs == "models" else 1.0
+                torch.mul(base_chunk, c0, out=merged)
+                for c_t, x in zip(coefficients.tolist(), inputs):
+                    merged.add_(
+                        x[chunk.start : chunk.stop].to(device, non_blocking=True), alpha=beta * c_t
+                    )
+                if not is_finite(merged):
+                    raise_non_finite(plan, chunk, inputs, names, beta)
+            else:
+                delta = fill_deltas(plan, theta0, inputs, chunk)
+                if statistics is not None:
+                    statistics.add(delta)
+                torch.add(base_chunk, rule.aggregate(chunk, delta), alpha=beta, out=merged)
+                if not is_finite(merged):
+                    raise_non_finite(plan, chunk, inputs, names, beta)
+            out[chunk.start : chunk.stop].copy_(merged)
+        if on_tensor_done:
+            on_tensor_done(plan, rule.num_passes - 1)
+        yield plan.name, out.view(plan.shape)
+
+
+def is_finite(values: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf: their sum is finite (one cheap pass, in cache)."""
+    return bool(torch.isfinite(values.sum(dtype=torch.float64)))
+
+
+def raise_non_finite(
+    plan: TensorPlan,
+    chunk: Chunk,
+    inputs: Sequence[torch.Tensor],
+    names: Sequence[str],
+    beta: float | None = None,
+) -> None:
+    """Name the first input that holds NaN/Inf on this chunk, or blame β when none does."""
+    for name, x in zip(names, inputs):
+        bad = ~torch.isfinite(x[chunk.start : chunk.stop])
+        if bad.any():
+            index = chunk.start + int(bad.nonzero()[0, 0])
+            raise CheckpointError(
+                f"{name}: tensor {plan.name!r} holds NaN or Inf (flat index {index}); "
+                "fix or drop that model"
+            )
+    raise ConfigError(
+        f"the merged tensor {plan.name!r} overflowed to NaN/Inf with server_lr={beta} "
+        "although every input is finite; use a smaller --server-lr/--lambda or a wider --dtype"
+    )
+
+
+def check_equal_buffers(
+    plan: TensorPlan, theta0: torch.Tensor, inputs: Sequence[torch.Tensor], names: Sequence[str]
+) -> None:
+    """Integer/bool buffers (position ids, counters) are copied, so every client must agree."""
+    for name, x in zip(names, inputs):
+        if not torch.equal(x, theta0):
+            raise CheckpointError(
+                f"{name}: non-float tensor {plan.name!r} ({plan.dtype}) differs from the base; "
+                "integer buffers are copied, not merged, so they must be equal in every model"
+            )
