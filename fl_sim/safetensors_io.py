@@ -73,6 +73,15 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _excerpt(value: object, limit: int = 60) -> str:
+    """A header value for an error message, cut so a hostile header cannot flood the terminal."""
+    try:
+        text = json.dumps(value)
+    except ValueError:  # an int too long to print
+        return "[...]"
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
 def _parse_header(
     raw: bytes, path: Path, data_size: int
 ) -> tuple[dict[str, _Entry], dict[str, str]]:
@@ -112,21 +121,23 @@ def _parse_header(
             )
         if not isinstance(shape, list) or not all(_is_int(dim) and dim >= 0 for dim in shape):
             raise CheckpointError(
-                f"{lies}: shape {json.dumps(shape)} is not a list of non-negative ints ({fix})"
+                f"{lies}: shape {_excerpt(shape)} is not a list of non-negative ints ({fix})"
             )
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
         ) or not (0 <= offsets[0] <= offsets[1] <= data_size):
             raise CheckpointError(
-                f"{lies}: data_offsets {json.dumps(offsets)} are not [begin, end] with "
+                f"{lies}: data_offsets {_excerpt(offsets)} are not [begin, end] with "
                 f"0 <= begin <= end <= {data_size}, the data size ({fix})"
             )
         dtype = DTYPES[code]
         needed = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != needed:
+            # A product of huge dims may not even print (int max str digits): cap it.
+            needs = str(needed) if needed <= data_size else f"more than the {data_size} data bytes"
             raise CheckpointError(
                 f"{lies}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but "
-                f"{code} {shape} needs {needed} ({fix})"
+                f"{code} {_excerpt(shape)} needs {needs} ({fix})"
             )
         entries[name] = _Entry(dtype, tuple(shape), offsets[0], offsets[1])
 

@@ -182,7 +182,7 @@ def aggregate_model(
                 # θ' = (1 − β Σ c_t) θ₀ + β Σ c_t θ_t   (updates: θ' = θ₀ + β Σ c_t Δ_t)
                 c0 = 1.0 - beta * float(coefficients.sum()) if options.inputs == "models" else 1.0
                 torch.mul(base_chunk, c0, out=merged)
-                for c_t, x in zip(coefficients.tolist(), inputs):
+                for c_t, x in zip(coefficients.tolist(), inputs, strict=True):
                     merged.add_(
                         x[chunk.start : chunk.stop].to(device, non_blocking=True), alpha=beta * c_t
                     )
@@ -214,7 +214,7 @@ def raise_non_finite(
     beta: float | None = None,
 ) -> None:
     """Name the first input that holds NaN/Inf on this chunk, or blame β when none does."""
-    for name, x in zip(names, inputs):
+    for name, x in zip(names, inputs, strict=True):
         bad = ~torch.isfinite(x[chunk.start : chunk.stop])
         if bad.any():
             index = chunk.start + int(bad.nonzero()[0, 0])
@@ -232,7 +232,7 @@ def check_equal_buffers(
     plan: TensorPlan, theta0: torch.Tensor, inputs: Sequence[torch.Tensor], names: Sequence[str]
 ) -> None:
     """Integer/bool buffers (position ids, counters) are copied, so every client must agree."""
-    for name, x in zip(names, inputs):
+    for name, x in zip(names, inputs, strict=True):
         if not torch.equal(x, theta0):
             raise CheckpointError(
                 f"{name}: non-float tensor {plan.name!r} ({plan.dtype}) differs from the base; "

@@ -187,7 +187,9 @@ F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), None, "needs dtype, shape"),
         ({"a": [1, 2]}, bytes(8), None, "needs dtype, shape"),
         ({"__metadata__": {"n": 1}}, b"", None, "__metadata__"),
-        ({"a": {**F32_2, "shape": [10**400]}}, bytes(8), None, "not valid JSON"),
+        (b'{"a": {"dtype": "F32", "shape": [1' + b"0" * 5000 + b"]}}", b"", None, "not valid JSON"),
+        ({"a": {**F32_2, "shape": [10**400] * 20}}, bytes(8), None, "needs more than the 8"),
+        ({"a": {**F32_2, "shape": [-1] * 10_000}}, bytes(8), None, r"shape \[-1, -1, .* \.\.\.\]"),
     ],
     ids=[
         "length-past-end",
@@ -208,7 +210,9 @@ F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         "missing-field",
         "entry-not-an-object",
         "metadata-not-str",
-        "huge-int",
+        "int-too-long-to-parse",
+        "numel-too-long-to-print",
+        "shape-too-long-to-print",
     ],
 )
 def test_lying_header_is_refused_in_one_line(
