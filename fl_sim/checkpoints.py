@@ -41,6 +41,14 @@ WEIGHT_PATTERNS = (
     "*.onnx",
     "fl_sim_meta.json",
 )
+# Pickles a transformers Trainer writes next to the weights; never model weights themselves.
+TRAINER_STATE_PATTERNS = (
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+)
 
 
 class Checkpoint:
@@ -155,6 +163,11 @@ def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
         )
     if (folder / SAFETENSORS_INDEX).is_file():
         return _open_safetensors_index(folder / SAFETENSORS_INDEX, is_folder=True)
+    if (folder / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"checkpoint {folder} is a PEFT adapter, not a full model (merge it into its base "
+            "first: peft's merge_and_unload(), then save_pretrained)"
+        )
     safetensors = sorted(folder.glob("*.safetensors"))
     if len(safetensors) == 1:
         file = SafetensorsFile(safetensors[0])
@@ -168,7 +181,13 @@ def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
         )
     if (folder / PICKLE_INDEX).is_file():
         return _open_pickled(folder / PICKLE_INDEX, is_folder=True, allow_pickle=allow_pickle)
-    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    pickles = sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix in PICKLE_SUFFIXES
+        and path.is_file()
+        and not any(fnmatch(path.name, pattern) for pattern in TRAINER_STATE_PATTERNS)
+    )
     if (folder / "pytorch_model.bin").is_file():
         pickles = [folder / "pytorch_model.bin"]
     if len(pickles) == 1:
@@ -255,7 +274,11 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             # Files saved before torch 1.6 (not zip) cannot be memory-mapped.
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # torch's weights_only message opens with advice to pass weights_only=False, which is
+        # exactly what we must not do; the actual reason follows "WeightsUnpickler error:".
+        message = str(err).split("WeightsUnpickler error:")[-1]
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(err).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be loaded with torch.load(weights_only=True) ({reason}; "
             "convert it to safetensors)"

@@ -45,7 +45,7 @@ def cclip_step(
     deltas: torch.Tensor, center: torch.Tensor | None, weights: torch.Tensor, scales: torch.Tensor
 ) -> torch.Tensor:
     """v + Σ_t p_t s_t (Δ_t − v) = v (1 − Σ_t p_t s_t) + Σ_t p_t s_t Δ_t  (v = 0 when None)."""
-    ps = weights * scales
+    ps = weights.to(deltas.device) * scales.to(deltas.device)
     step = fedavg(deltas, ps)
     if center is None:
         return step
@@ -114,8 +114,7 @@ class CClip(Rule):
         center = self._current_center(chunk, deltas.device)
         if self._scales is None:
             return center
-        center = cclip_step(deltas, center, self.weights.to(deltas.device), self._scales)
-        return center
+        return cclip_step(deltas, center, self.weights, self._scales)
 
     def observe(self, pass_index: int, chunk: Chunk, deltas: torch.Tensor) -> None:
         center = self._step(chunk, deltas)

@@ -30,6 +30,8 @@ from strategies.registry import RULE_NAMES, RuleConfig, make_rule
 from strategies.rule import Chunk, Rule, client_weights
 
 F64 = torch.float64
+VALUES = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+PROPERTY = settings(max_examples=50, deadline=None)
 
 
 def t64(values) -> torch.Tensor:
@@ -344,6 +346,62 @@ def test_median_of_an_even_number_of_clients_matches_numpy_and_torch_median(num_
     close(median(deltas, "lower"), torch.median(deltas, dim=0).values, atol=0)
 
 
+def numpy_lower_median(x: np.ndarray) -> np.ndarray:
+    """The lower middle order statistic, independently: sort each column and index."""
+    return np.sort(x, axis=0)[(x.shape[0] - 1) // 2]
+
+
+@pytest.mark.parametrize("num_clients", range(1, 17))
+def test_median_is_exact_on_every_zero_one_input(num_clients):
+    # 0-1 principle: a comparator network selects the k-th smallest value of every input iff it
+    # does so for every 0/1 input. Column j holds the bits of j, so all 2^T inputs are covered.
+    columns = torch.arange(2**num_clients)
+    bits = ((columns[None, :] >> torch.arange(num_clients)[:, None]) & 1).to(torch.float32)
+    x = bits.numpy()
+    np.testing.assert_array_equal(median(bits, "mean").numpy(), np.median(x, axis=0))
+    np.testing.assert_array_equal(median(bits, "lower").numpy(), numpy_lower_median(x))
+
+
+@pytest.mark.parametrize("num_clients", [*range(1, 20), 31, 32, 33, 63, 64, 65, 66, 97])
+def test_median_matches_numpy_for_every_client_count_with_ties(num_clients):
+    # Both sides of the selection-network size limit (T ≤ 64) and the plain sort above it.
+    g = torch.Generator().manual_seed(num_clients)
+    distinct = torch.randn(num_clients, 3, 5, generator=g, dtype=F64)
+    ties = torch.randint(-2, 3, (num_clients, 40), generator=g).to(F64)
+    for deltas in (distinct, ties):
+        x = deltas.numpy().copy()
+        np.testing.assert_array_equal(median(deltas, "mean").numpy(), np.median(x, axis=0))
+        np.testing.assert_array_equal(median(deltas, "lower").numpy(), numpy_lower_median(x))
+        np.testing.assert_array_equal(deltas.numpy(), x)  # the updates are left untouched
+
+
+@pytest.mark.parametrize("num_clients", [1, 3, 4, 65])
+def test_median_returns_a_new_tensor_not_a_view_of_an_update(num_clients):
+    deltas = random_deltas(num_clients, n=6, seed=9)
+    before = deltas.clone()
+    for mode in ("mean", "lower"):
+        out = median(deltas, mode)
+        out.fill_(123.0)
+        close(deltas, before, atol=0)
+    # A list of client tensors (as_stacked) gives the same result as the stacked tensor.
+    close(median(list(deltas.unbind(0)), "lower"), median(deltas, "lower"), atol=0)
+
+
+@PROPERTY
+@given(
+    st.integers(1, 70).flatmap(
+        lambda t: (
+            arrays(np.float64, (t, 3), elements=st.sampled_from([-1.5, 0.0, 2.0, 7.25]))
+            | arrays(np.float64, (t, 3), elements=VALUES)
+        )
+    )
+)
+def test_median_equals_numpy_median_property(x):
+    deltas = torch.from_numpy(x.copy())
+    np.testing.assert_array_equal(median(deltas, "mean").numpy(), np.median(x, axis=0))
+    np.testing.assert_array_equal(median(deltas, "lower").numpy(), numpy_lower_median(x))
+
+
 def test_task_arithmetic_rule_is_fedavg_with_uniform_weights_and_beta_lambda_t():
     deltas = random_deltas(4)
     rule = make_rule(RuleConfig("task_arithmetic"), 4)
@@ -451,9 +509,6 @@ def test_make_rule_builds_the_rule_named():
 # ---------------------------------------------------------------------------------------------
 # 4. Properties
 # ---------------------------------------------------------------------------------------------
-
-VALUES = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False, allow_subnormal=False)
-PROPERTY = settings(max_examples=50, deadline=None)
 
 
 @st.composite

@@ -1,0 +1,350 @@
+"""The typed, validated options of ``fl-sim merge``, from flags or a mergekit-style YAML file.
+
+Validated once here; the merge itself trusts them.
+
+Scale conventions (DESIGN.md): every rule returns a mean-like A and θ = θ₀ + β·A.
+``--server-lr`` is β for every rule. ``--lambda`` is the paper's λ: for the rules whose paper
+form sums task vectors (task_arithmetic, fedavg, fedgma, cclip) β = λT; for the mean-like ones
+(fednova, median) β = λ. Without either, β = 1 (for task_arithmetic: λ = 1/T, the weight average).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from fl_sim.errors import ConfigError
+from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES, RuleConfig
+
+META_FILE = "fl_sim_meta.json"
+PAPER_SCALE = {  # how the paper scales τ* in θ₀ + λ·τ*: "sum" → β = λT, "mean" → β = λ
+    "task_arithmetic": "sum",
+    "fedavg": "sum",
+    "fedgma": "sum",
+    "cclip": "sum",
+    "fednova": "mean",
+    "median": "mean",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainMeta:
+    """What one fine-tuned model's training did: K_t and Σ_k η_t⁽ᵏ⁾ (either may be unknown)."""
+
+    steps: float | None = None
+    lr_sum: float | None = None
+
+    def a_norm(self, kind: str) -> float | None:
+        return self.steps if kind == "steps" else self.lr_sum
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    method: str
+    base: Path
+    models: tuple[Path, ...]
+    out: Path
+    server_lr: float  # β
+    lam: float | None  # the paper's λ when given
+    weights: tuple[float, ...] | None
+    a_norm_kind: str = "lr-sum"
+    train_meta: tuple[TrainMeta, ...] | None = None
+    rho: float = 0.5
+    median_mode: str = "mean"
+    tau_c: float | None = None
+    iters: int = 1
+    device: str = "auto"
+    dtype: str | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    statistics: bool = True
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.models)
+
+    def rule_config(self) -> RuleConfig:
+        a_norm = None
+        if self.train_meta is not None:
+            values = [m.a_norm(self.a_norm_kind) for m in self.train_meta]
+            a_norm = None if any(v is None for v in values) else values
+        if self.method == "fednova" and a_norm is None:
+            missing = self.models[
+                [m.a_norm(self.a_norm_kind) for m in self.train_meta].index(None)
+            ] if self.train_meta else None
+            key = "steps" if self.a_norm_kind == "steps" else "lr_sum"
+            where = f"{missing} has no {key!r}" if missing else "no training metadata was found"
+            raise ConfigError(
+                f"fednova needs every model's {key!r} ({where}): pass --train-meta META.json "
+                f"or put {META_FILE} in each model folder (or choose --a-norm steps/lr-sum)"
+            )
+        return RuleConfig(
+            name=self.method,
+            weights=self.weights,
+            a_norm=a_norm,
+            rho=self.rho,
+            median_mode=self.median_mode,
+            tau_c=self.tau_c,
+            iters=self.iters,
+        )
+
+
+def server_lr_for(method: str, num_clients: int, lam: float | None, server_lr: float | None) -> float:
+    """β from --server-lr, or from the paper's λ (see the module docstring), or 1."""
+    if lam is not None and server_lr is not None:
+        raise ConfigError("give --lambda or --server-lr, not both (β = λT for task_arithmetic)")
+    for name, value in (("lambda", lam), ("server-lr", server_lr)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
+    if server_lr is not None:
+        return float(server_lr)
+    if lam is not None:
+        return float(lam) * (num_clients if PAPER_SCALE[method] == "sum" else 1)
+    return 1.0
+
+
+def parse_weights(text: str | Sequence[float] | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        return tuple(float(w) for w in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def read_train_meta(
+    meta_path: Path | None, models: Sequence[Path], given_as: Sequence[str]
+) -> tuple[TrainMeta, ...] | None:
+    """Each model's TrainMeta from META.json (by position, by path as given, or by resolved
+    path), else from ``fl_sim_meta.json`` in its folder; None when neither says anything."""
+    table: dict[str, object] | list[object] | None = None
+    if meta_path is not None:
+        table = load_json(meta_path, "--train-meta")
+        if not isinstance(table, (dict, list)):
+            raise ConfigError(
+                f"--train-meta {meta_path}: expected a list (one entry per model) or an object "
+                'keyed by model path, e.g. {"ft1": {"steps": 500, "lr_sum": 0.5}}'
+            )
+        if isinstance(table, list) and len(table) != len(models):
+            raise ConfigError(
+                f"--train-meta {meta_path}: has {len(table)} entries for {len(models)} models"
+            )
+    metas: list[TrainMeta] = []
+    found = False
+    for index, (model, given) in enumerate(zip(models, given_as, strict=True)):
+        entry: object = None
+        source = str(meta_path)
+        if isinstance(table, list):
+            entry = table[index]
+        elif isinstance(table, dict):
+            for key in (given, str(model), str(model.resolve()), model.name, str(index)):
+                if key in table:
+                    entry = table[key]
+                    break
+        if entry is None and (model / META_FILE).is_file():
+            source = str(model / META_FILE)
+            entry = load_json(model / META_FILE, META_FILE)
+        if entry is None:
+            metas.append(TrainMeta())
+            continue
+        found = True
+        metas.append(parse_meta_entry(entry, source, given))
+    return tuple(metas) if found else None
+
+
+def parse_meta_entry(entry: object, source: str, model: str) -> TrainMeta:
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"{source}: entry for {model} must be an object like "
+            '{"steps": 500, "lr_sum": 0.5}'
+        )
+    unknown = sorted(set(entry) - {"steps", "lr_sum", "lr-sum", "a_norm_exact"})
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r} for {model} (expected 'steps' and/or 'lr_sum')"
+        )
+    values: dict[str, float | None] = {}
+    for key in ("steps", "lr_sum"):
+        value = entry.get(key, entry.get(key.replace("_", "-")))
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(
+                    f"{source}: {key} for {model} must be a number > 0, got {value!r}"
+                )
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {key} for {model} must be finite, got {value!r}")
+            value = float(value)
+        values[key] = value
+    return TrainMeta(steps=values["steps"], lr_sum=values["lr_sum"])
+
+
+def load_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({err})") from None
+
+
+def build_merge_options(
+    *,
+    method: str,
+    base: str,
+    models: Sequence[str],
+    out: str,
+    lam: float | None = None,
+    server_lr: float | None = None,
+    weights: str | Sequence[float] | None = None,
+    a_norm: str = "lr-sum",
+    train_meta: str | None = None,
+    rho: float = 0.5,
+    median_mode: str = "mean",
+    tau_c: float | None = None,
+    iters: int = 1,
+    device: str = "auto",
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    force: bool = False,
+    statistics: bool = True,
+) -> MergeOptions:
+    """Validate every knob once and return the options the merge trusts."""
+    if method not in RULE_NAMES:
+        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(RULE_NAMES)}")
+    if len(models) < 2:
+        raise ConfigError(
+            f"merging needs at least 2 fine-tuned models after --base, got {len(models)}"
+        )
+    if a_norm not in A_NORMS:
+        raise ConfigError(f"--a-norm must be one of {', '.join(A_NORMS)}, got {a_norm!r}")
+    if median_mode not in MEDIAN_MODES:
+        raise ConfigError(
+            f"--median-mode must be one of {', '.join(MEDIAN_MODES)}, got {median_mode!r}"
+        )
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not out:
+        raise ConfigError("no output path: pass --out OUT (a folder or a .safetensors file)")
+    model_paths = tuple(Path(m) for m in models)
+    options = MergeOptions(
+        method=method,
+        base=Path(base),
+        models=model_paths,
+        out=Path(out),
+        server_lr=server_lr_for(method, len(models), lam, server_lr),
+        lam=lam,
+        weights=parse_weights(weights),
+        a_norm_kind=a_norm,
+        train_meta=read_train_meta(Path(train_meta) if train_meta else None, model_paths, models),
+        rho=rho,
+        median_mode=median_mode,
+        tau_c=tau_c,
+        iters=iters,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        force=force,
+        statistics=statistics,
+    )
+    options.rule_config()  # the rule's own checks (ρ, τ_c, weights, fednova's a-norm) run now
+    from strategies.registry import make_rule
+
+    make_rule(options.rule_config(), options.num_clients)
+    return options
+
+
+YAML_PARAMETERS = {
+    "lambda": "lam",
+    "server_lr": "server_lr",
+    "rho": "rho",
+    "median_mode": "median_mode",
+    "tau_c": "tau_c",
+    "iters": "iters",
+    "a_norm": "a_norm",
+}
+YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out", "train_meta"}
+
+
+def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, object]:
+    """Keyword arguments for ``build_merge_options`` from a mergekit-style YAML file.
+
+    ``models[i].parameters.weight`` becomes p_t. For ``task_arithmetic`` (mergekit computes
+    θ₀ + Σ_t w_t τ_t), equal weights w mean λ = w; unequal ones become fedavg with p ∝ w and
+    β = Σ_t w_t, the same arithmetic. Flags given on the command line win over the file.
+    """
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"merge config {path} does not exist") from None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"merge config {path} is not valid YAML ({first})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"merge config {path}: expected a mapping with merge_method, models, ...")
+    unknown = sorted(set(document) - YAML_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"merge config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(YAML_KEYS))})"
+        )
+    kwargs: dict[str, object] = {}
+    kwargs["method"] = document.get("merge_method")
+    kwargs["base"] = document.get("base_model")
+    if kwargs["method"] is None or kwargs["base"] is None:
+        raise ConfigError(f"merge config {path}: needs both merge_method and base_model")
+    models = document.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError(f"merge config {path}: models must be a list of {{model: PATH}}")
+    paths: list[str] = []
+    weights: list[float] = []
+    for entry in models:
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"merge config {path}: each models entry needs a 'model' path")
+        paths.append(str(entry["model"]))
+        parameters = entry.get("parameters") or {}
+        if not isinstance(parameters, dict) or set(parameters) - {"weight"}:
+            raise ConfigError(
+                f"merge config {path}: per-model parameters support only 'weight', got {parameters!r}"
+            )
+        if "weight" in parameters:
+            weights.append(parameters["weight"])
+    if weights and len(weights) != len(paths):
+        raise ConfigError(f"merge config {path}: give a weight to every model or to none")
+    kwargs["models"] = [p for p in paths if p != str(kwargs["base"])]
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"merge config {path}: parameters must be a mapping")
+    for key, value in parameters.items():
+        if key not in YAML_PARAMETERS:
+            raise ConfigError(
+                f"merge config {path}: unknown parameter {key!r} "
+                f"(known: {', '.join(YAML_PARAMETERS)})"
+            )
+        kwargs[YAML_PARAMETERS[key]] = value
+    if weights:
+        if kwargs["method"] == "task_arithmetic":
+            if len(set(weights)) == 1:
+                kwargs.setdefault("lam", float(weights[0]))
+            else:
+                kwargs["method"] = "fedavg"
+                kwargs.setdefault("server_lr", float(sum(weights)))
+                kwargs["weights"] = weights
+        else:
+            kwargs["weights"] = weights
+    for key in ("dtype", "out", "train_meta"):
+        if document.get(key) is not None:
+            kwargs[key] = str(document[key])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return kwargs
