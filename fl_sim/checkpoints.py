@@ -102,6 +102,11 @@ class Checkpoint:
             return self._state_dict[name]
         return self._file(name).get(name)
 
+    def release(self, name: str) -> None:
+        """Let go of the memory-mapped pages of ``name`` (see ``SafetensorsFile.release``)."""
+        if name in self._tensor_files:
+            self._tensor_files[name].release(name)
+
     @property
     def nbytes(self) -> int:
         """Total bytes of all tensors."""

@@ -77,9 +77,11 @@ class MergeOptions:
             values = [m.a_norm(self.a_norm_kind) for m in self.train_meta]
             a_norm = None if any(v is None for v in values) else values
         if self.method == "fednova" and a_norm is None:
-            missing = self.models[
-                [m.a_norm(self.a_norm_kind) for m in self.train_meta].index(None)
-            ] if self.train_meta else None
+            missing = (
+                self.models[[m.a_norm(self.a_norm_kind) for m in self.train_meta].index(None)]
+                if self.train_meta
+                else None
+            )
             key = "steps" if self.a_norm_kind == "steps" else "lr_sum"
             where = f"{missing} has no {key!r}" if missing else "no training metadata was found"
             raise ConfigError(
@@ -97,7 +99,9 @@ class MergeOptions:
         )
 
 
-def server_lr_for(method: str, num_clients: int, lam: float | None, server_lr: float | None) -> float:
+def server_lr_for(
+    method: str, num_clients: int, lam: float | None, server_lr: float | None
+) -> float:
     """β from --server-lr, or from the paper's λ (see the module docstring), or 1."""
     if lam is not None and server_lr is not None:
         raise ConfigError("give --lambda or --server-lr, not both (β = λT for task_arithmetic)")
@@ -164,8 +168,7 @@ def read_train_meta(
 def parse_meta_entry(entry: object, source: str, model: str) -> TrainMeta:
     if not isinstance(entry, dict):
         raise ConfigError(
-            f"{source}: entry for {model} must be an object like "
-            '{"steps": 500, "lr_sum": 0.5}'
+            f'{source}: entry for {model} must be an object like {{"steps": 500, "lr_sum": 0.5}}'
         )
     unknown = sorted(set(entry) - {"steps", "lr_sum", "lr-sum", "a_norm_exact"})
     if unknown:

@@ -253,6 +253,20 @@ class SafetensorsFile:
         aligned.view(-1).view(torch.uint8).copy_(raw)
         return aligned
 
+    def release(self, name: str) -> None:
+        """Unmap the pages of tensor ``name`` from this process (they stay in the page cache).
+
+        Read-only file pages count in RSS once touched; a streamed merge releases each tensor
+        after its last pass, so peak memory follows the largest tensor, not the whole model.
+        Views of the tensor stay valid: a later read faults the pages back in.
+        """
+        entry = self._entry(name)
+        if self._mmap is None or entry.end == entry.begin:
+            return
+        start = (self._data_start + entry.begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._data_start + entry.end
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def close(self) -> None:
         """Drop the mapping; it is unmapped once no view returned by ``get`` is alive."""
         # Never mmap.close(): torch.frombuffer does not pin the buffer, so closing would unmap
