@@ -41,9 +41,7 @@ class ANorm:
 
 def check_optimizer(optimizer: str, momentum: float) -> None:
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-        )
+        raise ConfigError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if not (0.0 <= momentum < 1.0):
         raise ConfigError(f"momentum must be in [0, 1), got {momentum} (set momentum)")
 
@@ -77,9 +75,12 @@ def a_norm_of(
     if kind == "steps":
         return ANorm(float(len(learning_rates)), exact=True)
     if optimizer == "sgd-momentum":
-        mu = float(momentum)
-        # Σ_k η_k (1 − μ^{k+1})/(1 − μ), written as Σ_k η_k Σ_{i≤k} μ^i to stay exact at μ = 0
-        value = sum(float(eta) * sum(mu**i for i in range(k + 1)) for k, eta in enumerate(learning_rates))
+        # Σ_k η_k (1 − μ^{k+1})/(1 − μ), with (1 − μ^{k+1})/(1 − μ) = Σ_{i≤k} μ^i kept as a
+        # running sum so that μ = 0 needs no special case
+        value, geometric = 0.0, 0.0
+        for eta in learning_rates:
+            geometric = 1.0 + momentum * geometric
+            value += float(eta) * geometric
         return ANorm(value, exact=True)
     return ANorm(float(sum(float(eta) for eta in learning_rates)), exact=optimizer == "sgd")
 

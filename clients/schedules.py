@@ -20,15 +20,24 @@ from fl_sim.errors import ConfigError
 SCHEDULES = ("constant", "linear", "cosine", "warmup-cosine")
 
 
+def _is_whole(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value == int(value)
+    )
+
+
 def check_schedule(schedule: str, lr: float, steps: int, warmup_steps: int = 0) -> None:
     """Raise a one-line ConfigError for a schedule that ``learning_rates`` cannot build."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr must be a finite number > 0, got {lr} (set lr)")
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+    if not _is_whole(steps) or steps < 1:
         raise ConfigError(f"local-steps must be an integer ≥ 1, got {steps} (set local-steps)")
-    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+    if not _is_whole(warmup_steps) or warmup_steps < 0:
         raise ConfigError(
             f"warmup-steps must be an integer ≥ 0, got {warmup_steps} (set warmup-steps)"
         )
@@ -54,5 +63,5 @@ def learning_rates(schedule: str, lr: float, steps: int, warmup_steps: int = 0) 
         return [lr * (1.0 - k / K) for k in range(K)]
     if schedule == "cosine":
         return [lr * 0.5 * (1.0 + math.cos(math.pi * k / K)) for k in range(K)]
-    warmup = [lr * (k + 1) / W for k in range(W)]
+    warmup = [lr * ((k + 1) / W) for k in range(W)]
     return warmup + [lr * 0.5 * (1.0 + math.cos(math.pi * k / (K - W))) for k in range(K - W)]

@@ -1,0 +1,141 @@
+"""A client's round: fine-tune the backbone on its task from θʳ and return Δ_t = θ_t − θʳ.
+
+    for k = 0..K_t−1:   θ ← optimizer step on L_t(batch_k) with learning rate η_t⁽ᵏ⁾
+
+with the schedule's η_t⁽ᵏ⁾ (clients/schedules.py), the client's optimizer, and minibatches drawn
+without replacement from shuffled epochs of the training split by a torch.Generator seeded from
+(knobs.seed, round_index). Same inputs give a bit-identical Δ_t on the CPU (the caller fixes the
+number of torch threads). The heads are frozen; only the backbone moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.a_norm import a_norm_of
+from clients.knobs import TrainingKnobs
+from clients.schedules import learning_rates
+from fl_sim.tasks import (
+    MultiTaskModel,
+    TaskSuite,
+    evaluate,
+    federated_state,
+    load_federated_state,
+    task_loss,
+)
+
+
+@dataclass
+class LocalResult:
+    """What a client reports: Δ_t and the figures FedNova and the results need."""
+
+    update: dict[str, torch.Tensor]  # Δ_t = θ_t − θʳ on federated_state keys
+    num_examples: int  # n_t
+    local_steps: int  # K_t
+    learning_rates: list[float]  # η_t⁽⁰⁾..η_t⁽ᴷᵗ⁻¹⁾
+    a_norm_steps: float  # ‖a_t‖₁ with a-norm = "steps" (= K_t)
+    a_norm_lr_sum: float  # ‖a_t‖₁ with a-norm = "lr-sum"
+    a_norm_exact: bool  # False for AdamW (lr-sum is then an approximation)
+    loss_before: float  # L_t on the whole training split at θʳ
+    loss_after: float  # ... and at θ_t
+
+    def metrics(self) -> dict[str, int | float | bool]:
+        """The scalar figures, flat, with the kebab-case names the results use."""
+        return {
+            "num-examples": self.num_examples,
+            "local-steps": self.local_steps,
+            "a-norm-steps": self.a_norm_steps,
+            "a-norm-lr-sum": self.a_norm_lr_sum,
+            "a-norm-exact": self.a_norm_exact,
+            "loss-before": self.loss_before,
+            "loss-after": self.loss_after,
+        }
+
+
+def generator_seed(seed: int, round_index: int) -> int:
+    """The minibatch generator's seed: (seed, round) mixed by NumPy's SeedSequence (portable)."""
+    return int(np.random.SeedSequence([int(seed), int(round_index)]).generate_state(1)[0])
+
+
+def make_optimizer(knobs: TrainingKnobs, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if knobs.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=knobs.lr, weight_decay=knobs.weight_decay)
+    momentum = knobs.momentum if knobs.optimizer == "sgd-momentum" else 0.0
+    return torch.optim.SGD(params, lr=knobs.lr, momentum=momentum, weight_decay=knobs.weight_decay)
+
+
+def minibatches(
+    num_examples: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Index batches from shuffled epochs, forever; the whole split when it fits in one batch."""
+    if batch_size >= num_examples:
+        everything = torch.arange(num_examples)
+        while True:
+            yield everything
+    while True:
+        order = torch.randperm(num_examples, generator=generator)
+        for start in range(0, num_examples - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def fine_tune(
+    suite: TaskSuite,
+    task_index: int,
+    global_state: Mapping[str, torch.Tensor],
+    knobs: TrainingKnobs,
+    *,
+    full_batch: bool = False,
+    round_index: int = 0,
+) -> LocalResult:
+    """Client ``task_index``'s local training from θʳ = ``global_state``; see the module doc.
+
+    ``round_index`` is the round r, numbered from 1 as Flower's ``server_round`` (the reference
+    loop numbers rounds the same way); it is mixed into the minibatch seed so rounds differ
+    reproducibly. ``full_batch`` uses the whole training split at every step.
+    """
+    task = suite.tasks[task_index]
+    model: MultiTaskModel = suite.build_model(suite.seed)
+    load_federated_state(model, global_state)
+    theta_r = federated_state(model)
+    model.train()
+    train_x, train_y = task.split("train")
+    loss_before = evaluate(model, task, "train")[0]
+
+    etas = learning_rates(knobs.schedule, knobs.lr, knobs.local_steps, knobs.warmup_steps)
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    optimizer = make_optimizer(knobs, params)
+    generator = torch.Generator().manual_seed(generator_seed(knobs.seed, round_index))
+    batch_size = task.num_train if full_batch else knobs.batch_size
+    batches = minibatches(task.num_train, batch_size, generator)
+    for eta in etas:
+        for group in optimizer.param_groups:
+            group["lr"] = eta
+        index = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        task_loss(model, task_index, train_x[index], train_y[index]).backward()
+        optimizer.step()
+
+    theta_t = federated_state(model)
+    # integer buffers are carried as values: the engine copies them and checks they are unchanged
+    update = {
+        name: (theta_t[name] - theta_r[name])
+        if theta_r[name].is_floating_point()
+        else theta_t[name]
+        for name in theta_r
+    }
+    lr_sum = a_norm_of("lr-sum", etas, knobs.optimizer, knobs.momentum)
+    return LocalResult(
+        update=update,
+        num_examples=task.num_train,
+        local_steps=knobs.local_steps,
+        learning_rates=etas,
+        a_norm_steps=float(knobs.local_steps),
+        a_norm_lr_sum=lr_sum.value,
+        a_norm_exact=lr_sum.exact,
+        loss_before=loss_before,
+        loss_after=evaluate(model, task, "train")[0],
+    )
