@@ -175,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tuned models with FL aggregation rules.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_merge_parser(subparsers)
     from fl_sim.demo import add_demo_parser
+    from fl_sim.run_command import add_run_parser
 
+    add_run_parser(subparsers)
+    add_merge_parser(subparsers)
     add_demo_parser(subparsers)
     return parser
 

@@ -115,20 +115,24 @@ def _merge(
     )
     report_path = report_path_for(options.out, folder_output)
     metadata = {"format": "pt", "fl_sim_method": options.method, "fl_sim_version": __version__}
-    with atomic_output(options.out, is_dir=folder_output, force=options.force) as temp:
-        model_path = temp / WEIGHTS_NAME if folder_output else temp
-        if folder_output:
-            copy_model_files(options.base, temp)
-        merge_started = time.perf_counter()
-        write_safetensors(model_path, merged, specs, metadata)
-        merge_seconds = time.perf_counter() - merge_started
+    try:
+        with atomic_output(options.out, is_dir=folder_output, force=options.force) as temp:
+            model_path = temp / WEIGHTS_NAME if folder_output else temp
+            if folder_output:
+                copy_model_files(options.base, temp)
+            merge_started = time.perf_counter()
+            write_safetensors(model_path, merged, specs, metadata)
+            merge_seconds = time.perf_counter() - merge_started
+            if bar is not None:
+                bar.close()
+            report = build_report(
+                options, rule, statistics, device, input_bytes, merge_seconds, started
+            )
+            if folder_output:
+                write_json_atomic(temp / REPORT_NAME, report)
+    finally:
         if bar is not None:
-            bar.close()
-        report = build_report(
-            options, rule, statistics, device, input_bytes, merge_seconds, started
-        )
-        if folder_output:
-            write_json_atomic(temp / REPORT_NAME, report)
+            bar.close()  # on an error too: the bar's line is cleared before the error is printed
     if not folder_output:
         write_json_atomic(report_path, report)
     final_model = options.out / WEIGHTS_NAME if folder_output else options.out
@@ -211,4 +215,12 @@ def _progress_bar(enabled: bool, total: int, method: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=f"merge ({method})", leave=False)
+    # disable=None: a bar only on a terminal, never in logs or captured stderr.
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"merge ({method})",
+        leave=False,
+        disable=None,
+    )

@@ -276,15 +276,26 @@ YAML_PARAMETERS = {
     "iters": "iters",
     "a_norm": "a_norm",
 }
+YAML_NUMBERS = {"lambda", "server_lr", "rho", "tau_c"}
 YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out", "train_meta"}
+
+
+def _yaml_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or Path(a).resolve() == Path(b).resolve()
 
 
 def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, object]:
     """Keyword arguments for ``build_merge_options`` from a mergekit-style YAML file.
 
     ``models[i].parameters.weight`` becomes p_t. For ``task_arithmetic`` (mergekit computes
-    θ₀ + Σ_t w_t τ_t), equal weights w mean λ = w; unequal ones become fedavg with p ∝ w and
-    β = Σ_t w_t, the same arithmetic. Flags given on the command line win over the file.
+    θ₀ + λ Σ_t w_t τ_t, its ``lambda`` defaulting to 1), equal weights w mean our λ = λ·w;
+    unequal ones become fedavg with p ∝ w and β = λ Σ_t w_t, the same arithmetic. A model
+    entry that is the base itself is skipped (its τ is 0). Flags given on the command line win
+    over the file.
     """
     try:
         document = yaml.safe_load(Path(path).read_text())
@@ -298,7 +309,8 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
     unknown = sorted(set(document) - YAML_KEYS)
     if unknown:
         raise ConfigError(
-            f"merge config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(YAML_KEYS))})"
+            f"merge config {path}: unknown key {unknown[0]!r} "
+            f"(known: {', '.join(sorted(YAML_KEYS))})"
         )
     kwargs: dict[str, object] = {}
     kwargs["method"] = document.get("merge_method")
@@ -315,17 +327,25 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"merge config {path}: each models entry needs a 'model' path")
-        paths.append(str(entry["model"]))
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict) or set(parameters) - {"weight"}:
             raise ConfigError(
-                f"merge config {path}: per-model parameters support only 'weight', got {parameters!r}"
+                f"merge config {path}: per-model parameters support only 'weight', "
+                f"got {parameters!r}"
             )
+        if _same_model(str(entry["model"]), str(kwargs["base"])):
+            continue  # mergekit configs may list the base among the models: its τ is 0
+        paths.append(str(entry["model"]))
         if "weight" in parameters:
+            if not _yaml_number(parameters["weight"]):
+                raise ConfigError(
+                    f"merge config {path}: weight of {entry['model']} must be a number, "
+                    f"got {parameters['weight']!r}"
+                )
             weights.append(parameters["weight"])
     if weights and len(weights) != len(paths):
         raise ConfigError(f"merge config {path}: give a weight to every model or to none")
-    kwargs["models"] = [p for p in paths if p != str(kwargs["base"])]
+    kwargs["models"] = paths
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ConfigError(f"merge config {path}: parameters must be a mapping")
@@ -335,14 +355,23 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
                 f"merge config {path}: unknown parameter {key!r} "
                 f"(known: {', '.join(YAML_PARAMETERS)})"
             )
+        wrong_number = key in YAML_NUMBERS and not _yaml_number(value)
+        wrong_int = key == "iters" and (isinstance(value, bool) or not isinstance(value, int))
+        wrong_str = key in ("median_mode", "a_norm") and not isinstance(value, str)
+        if wrong_number or wrong_int or wrong_str:
+            kind = "an integer" if wrong_int else "a string" if wrong_str else "a number"
+            raise ConfigError(
+                f"merge config {path}: parameter {key!r} must be {kind}, got {value!r}"
+            )
         kwargs[YAML_PARAMETERS[key]] = value
     if weights:
         if kwargs["method"] == "task_arithmetic":
+            scale = float(kwargs.pop("lam", 1.0))  # mergekit's lambda scales Σ_t w_t τ_t
             if len(set(weights)) == 1:
-                kwargs.setdefault("lam", float(weights[0]))
+                kwargs["lam"] = scale * float(weights[0])
             else:
                 kwargs["method"] = "fedavg"
-                kwargs.setdefault("server_lr", float(sum(weights)))
+                kwargs.setdefault("server_lr", scale * float(sum(weights)))
                 kwargs["weights"] = weights
         else:
             kwargs["weights"] = weights
@@ -350,4 +379,6 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
         if document.get(key) is not None:
             kwargs[key] = str(document[key])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if kwargs.get("out") is None:
+        raise ConfigError(f"merge config {path}: no output path: pass --out OUT (or set out:)")
     return kwargs

@@ -1,0 +1,129 @@
+"""The Flower ClientApp: client t fine-tunes task t from the global model and returns Δ_t.
+
+A client is bound to one task by its node's ``partition-id`` (t = partition-id). It answers
+
+- ``query``: its partition id, so the server can send every node its own knobs;
+- ``train``: from the received θʳ (ArrayRecord "arrays") and its knobs (ConfigRecord "config",
+  see ``strategies.flower_strategy``) it runs ``fine_tune`` and replies Δ_t = θ_t − θʳ
+  (ArrayRecord "arrays") with a MetricRecord "metrics": num-examples n_t, local-steps K_t,
+  a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
+  loss-after;
+- ``evaluate``: the loss and accuracy of the received model on its task's val or test split.
+
+Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
+config once), so it runs the same under run_simulation, ``flwr run`` and deployment. The task
+suite is built once per process and cached. One torch thread per client: clients share cores.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.knobs import knobs_from_config
+from clients.local_training import fine_tune
+from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.errors import ConfigError
+from fl_sim.tasks import TaskSuite, evaluate, load_federated_state, make_suite
+
+app = ClientApp()
+
+
+class InjectedClientFailure(RuntimeError):
+    """Raised on purpose by the run-config fault-injection knobs fail-client / fail-round."""
+
+
+@cache
+def cached_suite(name: str, num_tasks: int, seed: int) -> TaskSuite:
+    """The task suite, built once per process (a Ray actor serves many messages)."""
+    return make_suite(name, num_tasks=num_tasks, seed=seed)
+
+
+def suite_from_config(config: ConfigRecord) -> TaskSuite:
+    for key in ("task-suite", "num-tasks", "suite-seed"):
+        if key not in config:
+            raise ConfigError(f"client config lacks {key!r} (the server must send it)")
+    return cached_suite(
+        str(config["task-suite"]), int(config["num-tasks"]), int(config["suite-seed"])
+    )
+
+
+def task_index_of(context: Context, suite: TaskSuite) -> int:
+    """t = the node's partition-id, checked against the suite's T."""
+    if "partition-id" not in context.node_config:
+        raise ConfigError(
+            "this node has no partition-id (start SuperNodes with "
+            '--node-config "partition-id=<t> num-partitions=<T>")'
+        )
+    t = int(context.node_config["partition-id"])
+    if not 0 <= t < suite.num_tasks:
+        raise ConfigError(
+            f"partition-id {t} but the suite has {suite.num_tasks} tasks "
+            "(run as many SuperNodes as num-tasks)"
+        )
+    return t
+
+
+def one_thread() -> None:
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Report this node's partition id (the server maps node ids to tasks with it)."""
+    partition = int(context.node_config.get("partition-id", -1))
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune task t from θʳ with this client's knobs; reply Δ_t and its figures."""
+    one_thread()
+    config = msg.content["config"]
+    suite = suite_from_config(config)
+    t = task_index_of(context, suite)
+    server_round = int(config["server-round"])
+    if bool(config.get("inject-failure", False)):
+        raise InjectedClientFailure(
+            f"fault injection: client {t} fails in round {server_round} "
+            "(run-config fail-client / fail-round)"
+        )
+    knobs = knobs_from_config(config)
+    global_state = record_to_tensors(msg.content["arrays"], writable=True)
+    result = fine_tune(
+        suite,
+        t,
+        global_state,
+        knobs,
+        full_batch=bool(config.get("full-batch", False)),
+        round_index=server_round,
+    )
+    a_norm_kind = str(config.get("a-norm", "lr-sum"))
+    metrics = result.metrics()
+    metrics["a-norm"] = result.a_norm_steps if a_norm_kind == "steps" else result.a_norm_lr_sum
+    metrics["a-norm-exact"] = int(metrics["a-norm-exact"])  # MetricRecord holds numbers only
+    metrics["task-index"] = t
+    content = RecordDict(
+        {"arrays": tensors_to_record(result.update), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_task(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received model on task t's val or test split."""
+    one_thread()
+    config = msg.content["config"]
+    suite = suite_from_config(config)
+    t = task_index_of(context, suite)
+    model = suite.build_model()
+    load_federated_state(model, record_to_tensors(msg.content["arrays"]))
+    split = str(config.get("eval-split", "val"))
+    loss, accuracy = evaluate(model, suite.tasks[t], split)
+    n = int(suite.tasks[t].split(split)[1].shape[0])
+    metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n, "task-index": t})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,227 @@
+"""``fl-sim run``: a federated run on Flower's simulation engine (Ray), started from Python.
+
+    fl-sim run [--config FILE.toml] [--set key=value ...] [--num-supernodes N] [--ray-address]
+
+The run config is parsed here, once, into a ``RunConfig`` and handed to the ServerApp object
+(``make_server_app(config)``): ``run_simulation`` gives the app an empty ``context.run_config``,
+and the ServerApp runs in a thread of this process. Clients get their knobs in each message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from fl_sim.errors import ConfigError
+from fl_sim.run_config import RunConfig, help_text
+
+# Trap 1 and telemetry (FLOWER.md): never let Flower build a venv per run or write an id.
+FLOWER_ENVIRONMENT = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+RUN_DESCRIPTION = """\
+Run a federation on Flower's simulation engine (Ray): T clients, client t fine-tunes task t
+from the global model θʳ and returns Δ_t; the server applies θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T).
+num-rounds = 1 from θ₀ is one-shot merging: with fedavg, p_t = 1/T and β = λT (or
+strategy = "task_arithmetic" with lambda = λ) it is Task Arithmetic θ₀ + λ Σ_t τ_t.
+
+Knobs come from --config FILE.toml (flat keys, or a pyproject-style [tool.flwr.app.config]
+table), then --set key=value overrides; every key and its default is listed below. Results go
+to results-dir: results.json, results.csv, global_model.safetensors, base.safetensors and
+clients/client_<t>.safetensors (θ₀ + Δ_t of round 1, for `fl-sim merge`)."""
+
+RUN_EPILOG = """\
+examples:
+  fl-sim run --set strategy=task_arithmetic --set lambda=0.3
+  fl-sim run --set strategy=fednova --set preset=steps-hetero --set num-rounds=5
+  fl-sim run --config sweep.toml --set results-dir=runs/fednova --ray-address auto
+
+run-config keys (TOML key = default):
+"""
+
+
+def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a federation (fedavg, task_arithmetic, fednova, ...) on Flower simulation",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.toml", help="run-config TOML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one run-config key (repeatable), e.g. --set num-rounds=3",
+    )
+    parser.add_argument(
+        "--num-supernodes",
+        type=int,
+        metavar="N",
+        help="simulated SuperNodes; must equal num-tasks (default: num-tasks)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        nargs="?",
+        const="auto",
+        metavar="ADDR",
+        help="run on an existing Ray cluster (`ray start --head`); without ADDR: auto",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = RunConfig.from_sources(args.config, args.overrides)
+    results = simulate(
+        [config],
+        num_supernodes=args.num_supernodes,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
+    print(summary_table(results[0]))
+    print(f"results: {Path(config.results_dir) / 'results.json'}")
+    return 0
+
+
+@contextmanager
+def flower_environment() -> Iterator[None]:
+    """FLOWER_ENVIRONMENT set for the block; PYTHONPATH restored (Flower's Ray backend edits it)."""
+    saved = {key: os.environ.get(key) for key in (*FLOWER_ENVIRONMENT, "PYTHONPATH")}
+    os.environ.update(FLOWER_ENVIRONMENT)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def simulate(
+    configs: Sequence[RunConfig],
+    *,
+    num_supernodes: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+) -> list[dict[str, object]]:
+    """Run ``configs`` one after the other on one simulated federation (one Ray start).
+
+    All configs must describe the same federation (task-suite, num-tasks, seed); each writes
+    its own results-dir, so keep those distinct. Returns each run's results.json content. The
+    first run that fails raises (a one-line ``FlSimError``); the runs before it are written.
+    """
+    if not configs:
+        raise ConfigError("simulate: no run configs given")
+    first = configs[0]
+    for config in configs[1:]:
+        if config.suite_config() != first.suite_config():
+            raise ConfigError(
+                "runs in one simulation must share task-suite, num-tasks and seed, got "
+                f"{config.suite_config()} after {first.suite_config()}"
+            )
+    dirs = [Path(c.results_dir).resolve() for c in configs]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError("runs in one simulation need distinct results-dir values")
+    n = first.num_tasks if num_supernodes is None else num_supernodes
+    if n != first.num_tasks:
+        raise ConfigError(
+            f"--num-supernodes {n} but num-tasks = {first.num_tasks}: one SuperNode per task "
+            "(drop --num-supernodes or set num-tasks)"
+        )
+
+    from fl_sim.server_app import make_sweep_server_app
+
+    bar = _ProgressBar(configs) if progress else None
+    init_args: dict[str, object] = {}
+    if ray_address:
+        init_args["address"] = ray_address
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": init_args,
+    }
+    flower_logger = logging.getLogger("flwr")
+    level = flower_logger.level
+    if not verbose:
+        flower_logger.setLevel(logging.WARNING)
+        init_args.setdefault("logging_level", logging.ERROR)
+        init_args.setdefault("log_to_driver", False)
+    try:
+        with flower_environment():
+            from flwr.simulation import run_simulation
+
+            from clients.client_app import app as client_app
+
+            run_simulation(
+                server_app=make_sweep_server_app(configs, on_round=bar.update if bar else None),
+                client_app=client_app,
+                num_supernodes=n,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+    finally:
+        flower_logger.setLevel(level)
+        if bar is not None:
+            bar.close()
+    return [json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs]
+
+
+class _ProgressBar:
+    """One tqdm bar over every round of every run."""
+
+    def __init__(self, configs: Sequence[RunConfig]) -> None:
+        from tqdm import tqdm
+
+        total = sum(c.num_rounds for c in configs)
+        self.bar = tqdm(total=total, unit="round", desc="fl-sim run", dynamic_ncols=True)
+
+    def update(self, server_round: int, num_rounds: int, metrics: Mapping[str, float]) -> None:
+        if server_round > 0:
+            self.bar.update(1)
+        self.bar.set_postfix(round=f"{server_round}/{num_rounds}", acc=f"{metrics['accuracy']:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def summary_table(results: Mapping[str, object]) -> str:
+    """Per round: mean accuracy, mean normalised accuracy, χ², aggregation time, failures."""
+    config = results["config"]
+    lines = [
+        f"{config['strategy']} · {config['num-tasks']} clients · {config['num-rounds']} round(s) "
+        f"· split {results['eval_split']} · {results['timings']['total_seconds']:.1f} s",
+        f"{'round':>5}  {'acc':>6}  {'norm acc':>8}  {'χ²(p‖w)':>8}  {'agg s':>7}  {'failed':>6}",
+    ]
+    failures = results["failures"]
+    for entry in results["rounds"]:
+        r = entry["round"]
+        training = entry.get("training") or {}
+        norm = entry["mean_normalized_accuracy"]
+        chi2 = training.get("chi_square")
+        agg = entry["timings"].get("aggregation_seconds")
+        failed = sum(1 for f in failures if f["round"] == r)
+        lines.append(
+            f"{r:>5}  {entry['mean_accuracy']:>6.3f}  "
+            f"{'-' if norm is None else f'{norm:.3f}':>8}  "
+            f"{'-' if chi2 is None else f'{chi2:.4f}':>8}  "
+            f"{'-' if agg is None else f'{agg:.4f}':>7}  {failed if r else '-':>6}"
+        )
+    final = results["rounds"][-1]
+    lines.append(
+        "final per task: " + ", ".join(f"{x['name']} {x['accuracy']:.3f}" for x in final["tasks"])
+    )
+    return "\n".join(lines)

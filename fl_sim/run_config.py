@@ -1,0 +1,457 @@
+"""Every knob of a federated run, typed, with its default, parsed and validated once.
+
+A run's knobs come from one flat mapping of kebab-case keys (``num-rounds = 3``): Flower's
+``context.run_config`` under ``flwr run`` (pyproject ``[tool.flwr.app.config]`` plus
+``--run-config`` overrides), or, under ``fl-sim run``, a TOML file plus ``--set key=value``
+overrides. ``run_simulation`` hands the ServerApp an *empty* run config, so the defaults live
+here, not in pyproject. Unknown keys, wrong types and bad values are a one-line ``ConfigError``
+that names the key and the fix; after ``RunConfig.from_mapping`` the values are trusted.
+
+Only the ServerApp parses a RunConfig. Clients get what they need (their own knobs, the task
+suite, the a-norm kind...) in the ConfigRecord of every message, so a client behaves the same
+under ``run_simulation``, ``flwr run`` and the deployment engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from clients.knobs import PRESETS, TrainingKnobs, client_knobs
+from fl_sim.errors import ConfigError
+from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
+
+WEIGHTINGS = ("uniform", "examples")
+SERVER_DEVICES = ("auto", "cpu", "cuda")
+EVAL_SPLITS = ("val", "test")
+NO_PRESET = "none"
+
+ConfigValue = bool | int | float | str
+
+
+def _knob(key: str, help: str, *, kind: str) -> dict[str, str]:
+    return {"key": key, "help": help, "kind": kind}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run's knobs; field metadata holds each TOML key and its ``fl-sim run --help`` text."""
+
+    # -- the aggregation rule ------------------------------------------------------------------
+    strategy: str = field(
+        default="fedavg",
+        metadata=_knob("strategy", f"aggregation rule A: {', '.join(RULE_NAMES)}", kind="str"),
+    )
+    num_rounds: int = field(
+        default=1,
+        metadata=_knob("num-rounds", "R, federated rounds (1 = one-shot merging)", kind="int"),
+    )
+    server_lr: float = field(
+        default=1.0,
+        metadata=_knob(
+            "server-lr",
+            "β, the server step: θʳ⁺¹ = θʳ + β·A (every rule but task_arithmetic)",
+            kind="float",
+        ),
+    )
+    lam: float = field(
+        default=0.3,
+        metadata=_knob(
+            "lambda",
+            "task_arithmetic's λ: θ₀ + λ Σ_t τ_t, run as fedavg with p_t = 1/T and β = λT",
+            kind="float",
+        ),
+    )
+    weighting: str = field(
+        default="uniform",
+        metadata=_knob(
+            "weighting", "client weights p_t: uniform (1/T) or examples (∝ n_t)", kind="str"
+        ),
+    )
+    rho: float = field(
+        default=0.5,
+        metadata=_knob("rho", "fedgma: sign-agreement threshold ρ ∈ [0, 1]", kind="float"),
+    )
+    tau_c: float = field(
+        default=0.0,
+        metadata=_knob(
+            "tau-c",
+            "cclip: clipping radius τ_c > 0 in units of ‖Δ_t‖₂ (0 = unset; results.json "
+            "lists every round's update norms); inf gives fedavg",
+            kind="float",
+        ),
+    )
+    cclip_iters: int = field(
+        default=1, metadata=_knob("cclip-iters", "cclip: iterations L ≥ 1", kind="int")
+    )
+    a_norm: str = field(
+        default="lr-sum",
+        metadata=_knob(
+            "a-norm",
+            "how ‖a_t‖₁ counts local work (fednova, effective weights w_t): lr-sum = Σ_k η_t⁽ᵏ⁾, "
+            "steps = K_t (the paper's code)",
+            kind="str",
+        ),
+    )
+    median_mode: str = field(
+        default="mean",
+        metadata=_knob(
+            "median-mode",
+            "median with even T: mean of the two middle values, or the lower one",
+            kind="str",
+        ),
+    )
+    # -- local training (each: one value, a comma list with one per client, or a range) ------
+    lr: float | str = field(
+        default=0.05,
+        metadata=_knob(
+            "lr",
+            "η_t: a number, a comma list (one per client) or a range log:A:B / lin:A:B",
+            kind="knob",
+        ),
+    )
+    local_steps: int | str = field(
+        default=20,
+        metadata=_knob(
+            "local-steps", "K_t: local steps per round (number, list or range)", kind="knob"
+        ),
+    )
+    schedule: str = field(
+        default="constant",
+        metadata=_knob(
+            "schedule", "learning-rate schedule per client (name or comma list)", kind="knob"
+        ),
+    )
+    warmup_steps: int | str = field(
+        default=0, metadata=_knob("warmup-steps", "warm-up steps per client", kind="knob")
+    )
+    optimizer: str = field(
+        default="sgd",
+        metadata=_knob("optimizer", "sgd, sgd-momentum or adamw (or a comma list)", kind="knob"),
+    )
+    momentum: float | str = field(
+        default=0.9, metadata=_knob("momentum", "μ for sgd-momentum", kind="knob")
+    )
+    weight_decay: float | str = field(
+        default=0.0, metadata=_knob("weight-decay", "weight decay per client", kind="knob")
+    )
+    batch_size: int | str = field(
+        default=32, metadata=_knob("batch-size", "mini-batch size per client", kind="knob")
+    )
+    preset: str = field(
+        default=NO_PRESET,
+        metadata=_knob(
+            "preset",
+            f"heterogeneity preset spreading one lr and local-steps: {NO_PRESET}, "
+            f"{', '.join(PRESETS)}",
+            kind="str",
+        ),
+    )
+    full_batch: bool = field(
+        default=False,
+        metadata=_knob("full-batch", "clients take full-batch gradient steps", kind="bool"),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_knob(
+            "seed", "seed of θ₀ and the data; client t trains with seed + t", kind="int"
+        ),
+    )
+    # -- tasks, engine, results ------------------------------------------------------------
+    task_suite: str = field(
+        default="toy", metadata=_knob("task-suite", "the task suite (clients = tasks)", kind="str")
+    )
+    num_tasks: int = field(
+        default=4, metadata=_knob("num-tasks", "T, tasks = clients in the suite", kind="int")
+    )
+    results_dir: str = field(
+        default="results",
+        metadata=_knob(
+            "results-dir", "folder for results.json, results.csv and the weights", kind="str"
+        ),
+    )
+    min_clients: int = field(
+        default=0,
+        metadata=_knob(
+            "min-clients",
+            "a round goes on with failed clients if at least this many replied (0 = all)",
+            kind="int",
+        ),
+    )
+    server_device: str = field(
+        default="auto",
+        metadata=_knob("server-device", "where the server aggregates: auto, cpu, cuda", kind="str"),
+    )
+    eval_split: str = field(
+        default="val",
+        metadata=_knob(
+            "eval-split",
+            "split the merged model is evaluated on each round: val (select λ/β here) or test",
+            kind="str",
+        ),
+    )
+    # -- fault injection (tests and demos only) ----------------------------------------------
+    fail_client: int = field(
+        default=-1,
+        metadata=_knob(
+            "fail-client",
+            "FAULT INJECTION: the client (task index) that raises in fail-round (-1 = none)",
+            kind="int",
+        ),
+    )
+    fail_round: int = field(
+        default=0,
+        metadata=_knob(
+            "fail-round", "FAULT INJECTION: the round in which fail-client raises", kind="int"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> RunConfig:
+        """Parse a flat kebab-case mapping (Flower's run_config); missing keys take defaults."""
+        by_key = {f.metadata["key"]: f for f in fields(cls)}
+        kwargs: dict[str, object] = {}
+        for key, value in values.items():
+            if key not in by_key:
+                raise ConfigError(f"unknown run-config key {key!r} (see fl-sim run --help)")
+            spec = by_key[key]
+            kwargs[spec.name] = _coerce(key, spec.metadata["kind"], value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_sources(
+        cls,
+        toml_path: str | Path | None = None,
+        overrides: Iterable[str] = (),
+        base: Mapping[str, object] | None = None,
+    ) -> RunConfig:
+        """``base`` (e.g. Flower's run_config), then a TOML file, then ``key=value`` overrides."""
+        values: dict[str, object] = dict(base or {})
+        if toml_path is not None:
+            values.update(read_toml(toml_path))
+        for override in overrides:
+            key, value = parse_override(override)
+            values[key] = value
+        return cls.from_mapping(values)
+
+    def to_mapping(self) -> dict[str, ConfigValue]:
+        """The kebab-case mapping ``from_mapping`` reads back (for results.json and TOML)."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in fields(self)}
+
+    # -- what the run derives from the knobs ---------------------------------------------------
+
+    def client_knobs(self) -> list[TrainingKnobs]:
+        """One TrainingKnobs per task/client t = 0..T−1."""
+        return client_knobs(
+            self.num_tasks,
+            lr=self.lr,
+            local_steps=self.local_steps,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            preset=None if self.preset == NO_PRESET else self.preset,
+        )
+
+    def suite_config(self) -> dict[str, ConfigValue]:
+        """The keys a client needs to build the same task suite as the server."""
+        return {
+            "task-suite": self.task_suite,
+            "num-tasks": self.num_tasks,
+            "suite-seed": self.seed,
+        }
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        _choice("strategy", self.strategy, RULE_NAMES)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("a-norm", self.a_norm, A_NORMS)
+        _choice("median-mode", self.median_mode, MEDIAN_MODES)
+        _choice("preset", self.preset, (NO_PRESET, *PRESETS))
+        _choice("server-device", self.server_device, SERVER_DEVICES)
+        _choice("eval-split", self.eval_split, EVAL_SPLITS)
+        _at_least("num-rounds", self.num_rounds, 1)
+        _at_least("num-tasks", self.num_tasks, 1)
+        _at_least("cclip-iters", self.cclip_iters, 1)
+        _at_least("min-clients", self.min_clients, 0)
+        _at_least("seed", self.seed, 0)
+        _at_least("fail-client", self.fail_client, -1)
+        _at_least("fail-round", self.fail_round, 0)
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ConfigError(
+                f"server-lr must be a finite number > 0, got {self.server_lr} (set server-lr=1)"
+            )
+        if not (math.isfinite(self.lam) and self.lam > 0):
+            raise ConfigError(
+                f"lambda must be a finite number > 0, got {self.lam} (set lambda=0.3)"
+            )
+        if not 0.0 <= self.rho <= 1.0:
+            raise ConfigError(f"rho must be in [0, 1], got {self.rho} (set rho=0.5)")
+        if not self.tau_c >= 0:  # also rejects NaN
+            raise ConfigError(f"tau-c must be > 0 (or 0 = unset), got {self.tau_c} (set tau-c=5)")
+        if self.strategy == "cclip" and self.tau_c == 0:
+            raise ConfigError(
+                "cclip needs tau-c > 0, its clipping radius in units of ‖Δ_t‖₂ (set tau-c=...; "
+                "a fedavg run's results.json lists every round's update norms)"
+            )
+        if self.weighting == "examples" and self.strategy in ("task_arithmetic", "median"):
+            raise ConfigError(
+                f"{self.strategy} is unweighted; drop weighting=examples "
+                "(or use strategy=fedavg with weighting=examples)"
+            )
+        if self.min_clients > self.num_tasks:
+            raise ConfigError(
+                f"min-clients must be ≤ num-tasks = {self.num_tasks}, got {self.min_clients} "
+                "(0 = every client must reply)"
+            )
+        if not self.results_dir.strip():
+            raise ConfigError("results-dir must name a folder, got '' (set results-dir=results)")
+        if self.fail_client >= self.num_tasks:
+            raise ConfigError(
+                f"fail-client must be a task index < num-tasks = {self.num_tasks} or -1, "
+                f"got {self.fail_client}"
+            )
+        self.client_knobs()  # lists, ranges and presets are checked here, once
+
+
+def _coerce(key: str, kind: str, value: object) -> object:
+    """``value`` as the field's type; ints are accepted for floats, whole floats for ints."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r} (set {key}=true)")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{key} must be an integer, got {value!r} (set {key}=<integer>)")
+        return int(value)
+    if kind == "float":
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)  # "inf" for tau-c
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r} (set {key}=<number>)")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f'{key} must be a string, got {value!r} (set {key}="...")')
+        return value
+    # knob: a number, or a string holding a comma list, a range or a name
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(
+            f"{key} must be a number or a string (comma list or log:A:B range), got {value!r}"
+        )
+    return value
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be an integer ≥ {low}, got {value} (set {key})")
+
+
+def parse_override(text: str) -> tuple[str, ConfigValue]:
+    """``key=value`` → (key, value); the value is read as TOML, else taken as a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. --set num-rounds=3)")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(value, (list, dict)) or not isinstance(value, (bool, int, float, str)):
+        raise ConfigError(
+            f"{key}: give a number, true/false or a string, got {raw!r} "
+            '(write lists as a quoted comma string, e.g. lr="0.1,0.05")'
+        )
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, object]:
+    """A run's TOML: flat keys, or a pyproject-style ``[tool.flwr.app.config]`` table."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"run config {path} does not exist (give --config FILE.toml)") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"run config {path} is not valid TOML: {error}") from None
+    table = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if table is None:
+        table = document
+    nested = [key for key, value in table.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(
+            f"run config {path}: table [{nested[0]}] is not a run-config key; "
+            "write flat keys (num-rounds = 3) or a [tool.flwr.app.config] table"
+        )
+    return dict(table)
+
+
+def help_text(width: int = 100) -> str:
+    """Every key, its default and what it does, for ``fl-sim run --help``."""
+    lines = []
+    for spec in fields(RunConfig):
+        key = spec.metadata["key"]
+        default = _toml_value(spec.default)
+        head = f"  {key} = {default}"
+        body = textwrap.fill(
+            spec.metadata["help"], width=width, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+        lines.append(f"{head}\n{body}")
+    return "\n".join(lines)
+
+
+def toml_table(config: RunConfig | None = None) -> str:
+    """``[tool.flwr.app.config]`` with every key (the defaults, or ``config``'s values)."""
+    values = (config or RunConfig()).to_mapping()
+    body = "\n".join(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    return f"[tool.flwr.app.config]\n{body}\n"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+__all__ = [
+    "EVAL_SPLITS",
+    "SERVER_DEVICES",
+    "WEIGHTINGS",
+    "RunConfig",
+    "help_text",
+    "parse_override",
+    "read_toml",
+    "toml_table",
+]

@@ -1,0 +1,510 @@
+"""Flower strategies for every rule: thin glue around ``make_rule`` and ``aggregate_model``.
+
+    θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T)        (DESIGN.md; the rules live in strategies/<rule>.py)
+
+``RuleStrategy`` does what every rule shares: it sends each node its own knobs (the server
+knows node → task from the clients' partition ids), collects Δ_t, records failed clients, and
+calls the same ``aggregate_model(inputs="updates")`` as an offline ``fl-sim merge``, on the
+server device. Each subclass only says how its rule is configured, as Flower's FedMedian
+overrides only ``aggregate_train``:
+
+- ``FedAvgStrategy``: A = Σ_t p_t Δ_t, β = server-lr.
+- ``TaskArithmeticStrategy``: p_t = 1/T and β = λT, so one round from θ₀ is θ₀ + λ Σ_t τ_t.
+- ``FedNovaStrategy``: ‖a_t‖₁ from the clients' "a-norm" metric.
+- ``FedGMAStrategy``: sign-agreement mask with threshold ρ.
+- ``MedianStrategy``: coordinate-wise median (unweighted).
+- ``CClipStrategy``: centered clipping from v₀ = the previous round's A (0 in round 1).
+
+Every round records p_t, ‖a_t‖₁, the effective weights w_t = p_t‖a_t‖₁ / Σ_i p_i‖a_i‖₁ and
+χ²(p‖w) = Σ_t (p_t − w_t)²/w_t, ‖Δ_t‖₂, the rule's own figures and the aggregation time.
+A failed client (an error reply, a reply without Δ_t, or no reply) is logged and recorded
+(round, node, task, reason); the round goes on if at least ``min-clients`` replied (0: all),
+otherwise ``FederationError``. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from logging import INFO, WARNING
+from typing import ClassVar
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from clients.knobs import knobs_to_config
+from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.errors import FlSimError
+from fl_sim.heterogeneity import chi_square, effective_weights
+from fl_sim.run_config import RunConfig
+from strategies.fedavg import task_arithmetic_server_lr
+from strategies.registry import RuleConfig, make_rule
+from strategies.rule import client_weights
+from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
+
+UpdatesCallback = Callable[[int, dict[int, dict[str, torch.Tensor]]], None]
+
+
+class FederationError(FlSimError):
+    """A round that cannot go on: too few clients replied."""
+
+
+@dataclass
+class ClientFailure:
+    """One client that did not deliver in one round."""
+
+    round: int
+    phase: str  # "train" | "evaluate"
+    node_id: int
+    task: int | None
+    reason: str
+
+
+@dataclass
+class RoundRecord:
+    """What the server measured in one training round (clients in task order)."""
+
+    round: int
+    clients: list[int]  # task indices t that replied
+    server_lr: float  # β
+    weights: list[float]  # p_t
+    num_examples: list[int]  # n_t
+    local_steps: list[int]  # K_t
+    a_norm: list[float]  # ‖a_t‖₁ of the run's kind
+    a_norm_exact: list[bool]
+    lr_sum: list[float]  # Σ_k η_t⁽ᵏ⁾ (whatever the a-norm kind)
+    effective_weights: list[float]  # w_t
+    chi_square: float  # χ²(p‖w)
+    update_norms: list[float]  # ‖Δ_t‖₂ over the federated vector
+    loss_before: list[float]
+    loss_after: list[float]
+    rule_summary: dict[str, object]
+    aggregation_seconds: float
+    failures: int = 0
+    client_evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class RuleStrategy(Strategy):
+    """The Flower side shared by every rule; subclasses set ``rule_name`` and their knobs."""
+
+    rule_name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        node_tasks: Mapping[int, int],
+        *,
+        evaluate_on_clients: bool = False,
+        on_updates: UpdatesCallback | None = None,
+    ) -> None:
+        if config.strategy != self.rule_name:
+            raise FlSimError(
+                f"{type(self).__name__} runs {self.rule_name!r}, config says {config.strategy!r}"
+            )
+        self.config = config
+        self.node_tasks = dict(node_tasks)
+        self.knobs = config.client_knobs()
+        self.device = resolve_device(config.server_device)
+        self.evaluate_on_clients = evaluate_on_clients
+        self.on_updates = on_updates
+        self.rounds: list[RoundRecord] = []
+        self.failures: list[ClientFailure] = []
+        self._theta: dict[str, torch.Tensor] = {}
+        self._sent: dict[int, int] = {}
+
+    # -- what each rule says -----------------------------------------------------------------
+
+    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
+        """This rule's RuleConfig for the replying clients (``weights`` None = uniform)."""
+        return RuleConfig(name=self.rule_name, weights=weights)
+
+    def server_lr(self, num_clients: int) -> float:
+        """β for a round with ``num_clients`` replies."""
+        return self.config.server_lr
+
+    def center(self) -> Mapping[str, torch.Tensor] | None:
+        """cclip's v₀; None for every other rule."""
+        return None
+
+    def after_round(
+        self, theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float
+    ) -> None:
+        """Hook after aggregation (cclip keeps A for the next round's v₀)."""
+
+    # -- Flower's Strategy ---------------------------------------------------------------------
+
+    def summary(self) -> None:
+        c = self.config
+        log(
+            INFO,
+            "\t├── Rule: %s (β = %s, weighting = %s)",
+            self.rule_name,
+            c.server_lr,
+            c.weighting,
+        )
+        log(
+            INFO,
+            "\t├── Clients: %d nodes → tasks %s",
+            len(self.node_tasks),
+            sorted(self.node_tasks.values()),
+        )
+        log(INFO, "\t├── a-norm: %s, min-clients: %d (0 = all)", c.a_norm, c.min_clients)
+        log(INFO, "\t└── Aggregation device: %s", self.device)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per node: θʳ and that client's own knobs."""
+        self._theta = record_to_tensors(arrays)  # read-only views of θʳ, no copy
+        self._sent = dict(self.node_tasks)
+        messages = []
+        for node_id, t in sorted(self.node_tasks.items(), key=lambda item: item[1]):
+            record = ConfigRecord(dict(config))
+            record.update(knobs_to_config(self.knobs[t]))
+            record.update(self.config.suite_config())
+            record["server-round"] = server_round
+            record["a-norm"] = self.config.a_norm
+            record["full-batch"] = self.config.full_batch
+            record["inject-failure"] = (
+                t == self.config.fail_client and server_round == self.config.fail_round
+            )
+            content = RecordDict({"arrays": arrays, "config": record})
+            messages.append(
+                Message(content, node_id, MessageType.TRAIN, group_id=str(server_round))
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """θʳ⁺¹ = θʳ + β·A over the clients that delivered; failures recorded."""
+        valid = self._valid_replies(server_round, replies, phase="train")
+        self._require_enough(server_round, len(valid))
+        valid.sort(key=lambda item: item[0])
+        tasks = [t for t, _ in valid]
+        metrics = [msg.content["metrics"] for _, msg in valid]
+        updates = [record_to_tensors(msg.content["arrays"]) for _, msg in valid]
+        num_examples = [int(m["num-examples"]) for m in metrics]
+        a_norm = [float(m["a-norm"]) for m in metrics]
+
+        given = num_examples if self.config.weighting == "examples" else None
+        p = client_weights(len(valid), given).tolist()
+        beta = self.server_lr(len(valid))
+        rule = make_rule(self.rule_config(given, a_norm), len(valid), self.center())
+        plans = [TensorPlan(n, tuple(x.shape), x.dtype) for n, x in self._theta.items()]
+        options = AggregationOptions(
+            server_lr=beta,
+            inputs="updates",
+            device=self.device,
+            client_names=[f"client {t} (round {server_round})" for t in tasks],
+        )
+        start = time.perf_counter()
+        merged = {
+            name: tensor.clone()
+            for name, tensor in aggregate_model(
+                rule, plans, self._theta.__getitem__, [u.__getitem__ for u in updates], options
+            )
+        }
+        seconds = time.perf_counter() - start
+        self.after_round(self._theta, merged, beta)
+
+        w = effective_weights(p, a_norm)
+        self.rounds.append(
+            RoundRecord(
+                round=server_round,
+                clients=tasks,
+                server_lr=beta,
+                weights=p,
+                num_examples=num_examples,
+                local_steps=[int(m["local-steps"]) for m in metrics],
+                a_norm=a_norm,
+                a_norm_exact=[bool(m["a-norm-exact"]) for m in metrics],
+                lr_sum=[float(m["a-norm-lr-sum"]) for m in metrics],
+                effective_weights=w,
+                chi_square=chi_square(p, w),
+                update_norms=[update_norm(u) for u in updates],
+                loss_before=[float(m["loss-before"]) for m in metrics],
+                loss_after=[float(m["loss-after"]) for m in metrics],
+                rule_summary=rule.summary(),
+                aggregation_seconds=seconds,
+                failures=sum(f.round == server_round for f in self.failures),
+            )
+        )
+        if self.on_updates is not None:
+            self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
+        record = self.rounds[-1]
+        summary = MetricRecord(
+            {
+                "clients": len(tasks),
+                "loss-before": sum(x * q for x, q in zip(record.loss_before, p, strict=True)),
+                "loss-after": sum(x * q for x, q in zip(record.loss_after, p, strict=True)),
+                "chi-square": record.chi_square if math.isfinite(record.chi_square) else -1.0,
+                "aggregation-seconds": seconds,
+            }
+        )
+        return tensors_to_record(merged), summary
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Client-side evaluation of θʳ on each client's task (off unless asked for)."""
+        if not self.evaluate_on_clients:
+            self._sent = {}
+            return []
+        self._sent = dict(self.node_tasks)
+        messages = []
+        for node_id, _ in sorted(self.node_tasks.items(), key=lambda item: item[1]):
+            record = ConfigRecord(dict(config))
+            record.update(self.config.suite_config())
+            record["server-round"] = server_round
+            record["eval-split"] = self.config.eval_split
+            content = RecordDict({"arrays": arrays, "config": record})
+            messages.append(
+                Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
+            )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Per-task loss and accuracy into this round's record; their plain means returned."""
+        valid = self._valid_replies(server_round, replies, phase="evaluate")
+        if not valid:
+            return None
+        per_task = {
+            t: {
+                "loss": float(msg.content["metrics"]["loss"]),
+                "accuracy": float(msg.content["metrics"]["accuracy"]),
+            }
+            for t, msg in valid
+        }
+        for record in self.rounds:
+            if record.round == server_round:
+                record.client_evaluation = per_task
+        n = len(per_task)
+        return MetricRecord(
+            {
+                "loss": sum(v["loss"] for v in per_task.values()) / n,
+                "accuracy": sum(v["accuracy"] for v in per_task.values()) / n,
+            }
+        )
+
+    # -- failures ------------------------------------------------------------------------------
+
+    def _valid_replies(
+        self, server_round: int, replies: Iterable[Message], *, phase: str
+    ) -> list[tuple[int, Message]]:
+        """(task, reply) for every usable reply; every other sent message becomes a failure."""
+        need = ("arrays", "metrics") if phase == "train" else ("metrics",)
+        valid: list[tuple[int, Message]] = []
+        answered: set[int] = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            answered.add(node_id)
+            t = self._sent.get(node_id)
+            reason = None
+            if msg.has_error():
+                reason = f"error reply (code {msg.error.code}): {error_summary(msg.error.reason)}"
+            elif not msg.has_content():
+                reason = "reply without content"
+            elif missing := [key for key in need if key not in msg.content]:
+                reason = f"reply lacks {', '.join(repr(k) for k in missing)}"
+            elif phase == "train":
+                reason = self._check_update(msg.content["arrays"])
+            if t is None and reason is None:
+                reason = "reply from a node that was not sent this round's message"
+            if reason is None:
+                valid.append((t, msg))
+            else:
+                self._fail(server_round, phase, node_id, t, reason)
+        for node_id, t in self._sent.items():
+            if node_id not in answered:
+                self._fail(server_round, phase, node_id, t, "no reply before the round's timeout")
+        return valid
+
+    def _check_update(self, arrays: ArrayRecord) -> str | None:
+        names = set(arrays.keys())
+        if names != set(self._theta):
+            missing = sorted(set(self._theta) - names)[:3]
+            extra = sorted(names - set(self._theta))[:3]
+            return f"update tensors do not match the model: missing {missing}, unexpected {extra}"
+        for name, array in arrays.items():
+            if tuple(array.shape) != tuple(self._theta[name].shape):
+                return (
+                    f"update {name!r} has shape {tuple(array.shape)}, "
+                    f"the model's is {tuple(self._theta[name].shape)}"
+                )
+        return None
+
+    def _fail(
+        self, server_round: int, phase: str, node_id: int, t: int | None, reason: str
+    ) -> None:
+        reason = " ".join(str(reason).split())  # one line in logs and results
+        self.failures.append(ClientFailure(server_round, phase, node_id, t, reason))
+        log(
+            WARNING,
+            "round %d %s: client %s (node %d) failed: %s",
+            server_round,
+            phase,
+            t,
+            node_id,
+            reason,
+        )
+
+    def _require_enough(self, server_round: int, replied: int) -> None:
+        sent = len(self._sent)
+        need = self.config.min_clients or sent
+        if replied >= max(need, 1):
+            return
+        failed = [f for f in self.failures if f.round == server_round and f.phase == "train"]
+        first = f"; first: client {failed[0].task}: {failed[0].reason}" if failed else ""
+        raise FederationError(
+            f"round {server_round}: only {replied} of {sent} clients delivered an update, "
+            f"min-clients = {self.config.min_clients} (0 = all){first}"[:2000]
+        )
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(reason: str) -> str:
+    """The client's own exception message out of Flower's error reason (Ray wraps it in a
+    traceback: "... ClientAppException occurred. Message: <the client's message>'>")."""
+    reason = ANSI_ESCAPE.sub("", str(reason))
+    marker = "occurred. Message:"
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1].strip().removesuffix("'>").strip()
+    return reason[:500]
+
+
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """‖Δ_t‖₂ over every floating-point tensor of the update."""
+    total = 0.0
+    for tensor in update.values():
+        if tensor.is_floating_point():
+            total += float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+class FedAvgStrategy(RuleStrategy):
+    """FedAvg (McMahan et al., 2017): A = Σ_t p_t Δ_t."""
+
+    rule_name = "fedavg"
+
+
+class TaskArithmeticStrategy(RuleStrategy):
+    """Task Arithmetic (Ilharco et al., 2023) as one-shot FedAvg: p_t = 1/T, β = λT."""
+
+    rule_name = "task_arithmetic"
+
+    def server_lr(self, num_clients: int) -> float:
+        return task_arithmetic_server_lr(self.config.lam, num_clients)
+
+
+class FedNovaStrategy(RuleStrategy):
+    """FedNova (Wang et al., 2020): A = τ_eff Σ_t p_t Δ_t / ‖a_t‖₁ with the clients' ‖a_t‖₁."""
+
+    rule_name = "fednova"
+
+    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
+        return RuleConfig(name=self.rule_name, weights=weights, a_norm=a_norm)
+
+
+class FedGMAStrategy(RuleStrategy):
+    """FedGMA (Tenison et al., 2023): A = M ⊙ Σ_t p_t Δ_t, mask from sign agreement ≥ ρ."""
+
+    rule_name = "fedgma"
+
+    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
+        return RuleConfig(name=self.rule_name, weights=weights, rho=self.config.rho)
+
+
+class MedianStrategy(RuleStrategy):
+    """Coordinate-wise median (Yin et al., 2018) of Δ_1..Δ_T."""
+
+    rule_name = "median"
+
+    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
+        return RuleConfig(name=self.rule_name, median_mode=self.config.median_mode)
+
+
+class CClipStrategy(RuleStrategy):
+    """CCLIP (Karimireddy et al., 2021), centred at the previous round's A (0 in round 1)."""
+
+    rule_name = "cclip"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.previous_update: dict[str, torch.Tensor] | None = None
+
+    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
+        return RuleConfig(
+            name=self.rule_name,
+            weights=weights,
+            tau_c=self.config.tau_c,
+            iters=self.config.cclip_iters,
+        )
+
+    def center(self) -> Mapping[str, torch.Tensor] | None:
+        return self.previous_update
+
+    def after_round(
+        self, theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float
+    ) -> None:
+        # A = (θʳ⁺¹ − θʳ) / β, the next round's v₀
+        self.previous_update = {
+            name: (merged[name].double() - theta[name].double()).div_(beta).to(merged[name].dtype)
+            for name in merged
+            if merged[name].is_floating_point()
+        }
+
+
+STRATEGIES: dict[str, type[RuleStrategy]] = {
+    cls.rule_name: cls
+    for cls in (
+        TaskArithmeticStrategy,
+        FedAvgStrategy,
+        FedNovaStrategy,
+        FedGMAStrategy,
+        MedianStrategy,
+        CClipStrategy,
+    )
+}
+
+
+def make_strategy(
+    config: RunConfig,
+    node_tasks: Mapping[int, int],
+    *,
+    evaluate_on_clients: bool = False,
+    on_updates: UpdatesCallback | None = None,
+) -> RuleStrategy:
+    """The strategy named by ``config.strategy``."""
+    return STRATEGIES[config.strategy](
+        config, node_tasks, evaluate_on_clients=evaluate_on_clients, on_updates=on_updates
+    )
+
+
+__all__ = [
+    "STRATEGIES",
+    "CClipStrategy",
+    "ClientFailure",
+    "FedAvgStrategy",
+    "FedGMAStrategy",
+    "FedNovaStrategy",
+    "FederationError",
+    "MedianStrategy",
+    "RoundRecord",
+    "RuleStrategy",
+    "TaskArithmeticStrategy",
+    "make_strategy",
+]
