@@ -29,8 +29,9 @@ MERGE_EPILOG = """\
 examples:
   fl-sim merge --method task_arithmetic --lambda 0.3 --base base/ --out merged/ ft1/ ft2/ ft3/
   fl-sim merge --method fednova --train-meta meta.json --base base/ --out m/ ft1/ ft2/
-  fl-sim merge --method cclip --tau-c 5 --iters 2 --base b.safetensors --out m.safetensors a.safetensors b2.safetensors
-  fl-sim merge merge.yaml --out merged/     # mergekit-style: merge_method, base_model, models, parameters
+  fl-sim merge --method cclip --tau-c 5 --iters 2 \
+      --base base.safetensors --out merged.safetensors ft1.safetensors ft2.safetensors
+  fl-sim merge merge.yaml --out merged/   # mergekit-style: merge_method, base_model, models
 
 --train-meta META.json: [{"steps": 500, "lr_sum": 0.5}, ...] (one per FT, in order) or
 {"ft1/": {"steps": 500, "lr_sum": 0.5}, ...} keyed by path; a fl_sim_meta.json inside an
@@ -73,7 +74,8 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         "--a-norm",
         choices=A_NORMS,
         default=None,
-        help="how ‖a_t‖₁ counts local work: lr-sum = Σ_k η_t⁽ᵏ⁾ (default), steps = K_t (paper's code)",
+        help="how ‖a_t‖₁ counts local work: lr-sum = Σ_k η_t⁽ᵏ⁾ (default), "
+        "steps = K_t (the paper's code)",
     )
     parser.add_argument(
         "--train-meta", metavar="META.json", help="each FT's steps and lr_sum (see below)"
@@ -121,7 +123,8 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-stats",
         action="store_true",
-        help="skip task-vector norms and cosines in the report (faster: linear rules then skip Δ_t)",
+        help="skip task-vector norms and cosines in the report "
+        "(faster: linear rules then skip Δ_t)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_merge_command)

@@ -149,7 +149,12 @@ def pool_sizes(num_images: int) -> dict[str, int]:
     pretrain = int(PRETRAIN_FRACTION * num_images)
     val = int(VAL_FRACTION * num_images)
     test = int(TEST_FRACTION * num_images)
-    return {"pretrain": pretrain, "train": num_images - pretrain - val - test, "val": val, "test": test}
+    return {
+        "pretrain": pretrain,
+        "train": num_images - pretrain - val - test,
+        "val": val,
+        "test": test,
+    }
 
 
 def pretrain_indices(num_images: int) -> torch.Tensor:

@@ -109,6 +109,7 @@ def _merge(
             out_dtype=out_dtype,
             statistics=options.statistics,
             client_names=[f"checkpoint {m}" for m in options.models],
+            base_name=f"checkpoint {options.base}",
         ),
         statistics=statistics,
         on_tensor_done=tensor_done,

@@ -82,6 +82,7 @@ class AggregationOptions:
     chunk_size: int | None = None  # None: CPU_CHUNK on the CPU, CUDA_CHUNK on a GPU
     statistics: bool = False
     client_names: Sequence[str] | None = None  # for error messages ("checkpoint ft2.safetensors")
+    base_name: str = "the base θ₀"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -151,7 +152,7 @@ def aggregate_model(
             else:
                 delta[t].copy_(x_chunk)
         if not is_finite(delta):
-            raise_non_finite(plan, chunk, inputs, names)
+            raise_non_finite(plan, chunk, [theta0, *inputs], [options.base_name, *names], beta)
         return delta
 
     for pass_index in range(rule.num_passes - 1):
@@ -187,14 +188,18 @@ def aggregate_model(
                         x[chunk.start : chunk.stop].to(device, non_blocking=True), alpha=beta * c_t
                     )
                 if not is_finite(merged):
-                    raise_non_finite(plan, chunk, inputs, names, beta)
+                    raise_non_finite(
+                        plan, chunk, [theta0, *inputs], [options.base_name, *names], beta
+                    )
             else:
                 delta = fill_deltas(plan, theta0, inputs, chunk)
                 if statistics is not None:
                     statistics.add(delta)
                 torch.add(base_chunk, rule.aggregate(chunk, delta), alpha=beta, out=merged)
                 if not is_finite(merged):
-                    raise_non_finite(plan, chunk, inputs, names, beta)
+                    raise_non_finite(
+                        plan, chunk, [theta0, *inputs], [options.base_name, *names], beta
+                    )
             out[chunk.start : chunk.stop].copy_(merged)
         if on_tensor_done:
             on_tensor_done(plan, rule.num_passes - 1)

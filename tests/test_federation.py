@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from fl_sim.cli import main as cli_main
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from clients.client_app import app as client_app
 from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.cli import main as cli_main
 from fl_sim.errors import ConfigError
 from fl_sim.reference import run_reference
 from fl_sim.run_config import RunConfig, help_text, parse_override, read_toml, toml_table
