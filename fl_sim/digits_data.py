@@ -197,11 +197,15 @@ def task_split(
     return x.contiguous(), y.long().contiguous()
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image through one domain transform drawn uniformly: pre-training's augmentation."""
-    choice = torch.randint(len(DOMAINS), (x.shape[0],), generator=generator)
+def augment(
+    x: torch.Tensor, generator: torch.Generator, domains: list[Transform] | None = None
+) -> torch.Tensor:
+    """Each image through one of ``domains`` (default: all), drawn uniformly: pre-training's
+    augmentation."""
+    domains = list(DOMAINS.values()) if domains is None else domains
+    choice = torch.randint(len(domains), (x.shape[0],), generator=generator)
     out = torch.empty_like(x)
-    for code, transform in enumerate(DOMAINS.values()):
+    for code, transform in enumerate(domains):
         rows = (choice == code).nonzero().flatten()
         if len(rows):
             out[rows] = transform(x[rows], generator)
