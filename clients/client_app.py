@@ -7,7 +7,8 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
   see ``strategies.flower_strategy``) it runs ``fine_tune`` and replies Δ_t = θ_t − θʳ
   (ArrayRecord "arrays") with a MetricRecord "metrics": num-examples n_t, local-steps K_t,
   a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
-  loss-after;
+  loss-after, and cached (1 when Δ_t came from the update cache, clients/update_cache.py:
+  ``update-cache`` and ``cache-dir`` in the ConfigRecord; off when the server sends none);
 - ``evaluate``: the loss and accuracy of the received model on its task's val or test split.
 
 Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
@@ -24,7 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.knobs import knobs_from_config
-from clients.local_training import fine_tune
+from clients.update_cache import UpdateCache, cached_fine_tune
 from fl_sim.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
 from fl_sim.tasks import TaskSuite, evaluate, load_federated_state, make_suite
@@ -42,8 +43,11 @@ def cached_suite(name: str, num_tasks: int, seed: int) -> TaskSuite:
     return make_suite(name, num_tasks=num_tasks, seed=seed)
 
 
+SUITE_KEYS = ("task-suite", "num-tasks", "suite-seed")
+
+
 def suite_from_config(config: ConfigRecord) -> TaskSuite:
-    for key in ("task-suite", "num-tasks", "suite-seed"):
+    for key in SUITE_KEYS:
         if key not in config:
             raise ConfigError(f"client config lacks {key!r} (the server must send it)")
     return cached_suite(
@@ -94,8 +98,12 @@ def train(msg: Message, context: Context) -> Message:
         )
     knobs = knobs_from_config(config)
     global_state = record_to_tensors(msg.content["arrays"], writable=True)
-    result = fine_tune(
+    use_cache = bool(config.get("update-cache", False))
+    cache = UpdateCache(str(config.get("cache-dir", ""))) if use_cache else None
+    result, cached = cached_fine_tune(
+        cache,
         suite,
+        {key: config[key] for key in SUITE_KEYS},
         t,
         global_state,
         knobs,
@@ -107,6 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics["a-norm"] = result.a_norm_steps if a_norm_kind == "steps" else result.a_norm_lr_sum
     metrics["a-norm-exact"] = int(metrics["a-norm-exact"])  # MetricRecord holds numbers only
     metrics["task-index"] = t
+    metrics["cached"] = int(cached)
     content = RecordDict(
         {"arrays": tensors_to_record(result.update), "metrics": MetricRecord(metrics)}
     )

@@ -35,13 +35,18 @@ strategy = "task_arithmetic" with lambda = λ) it is Task Arithmetic θ₀ + λ 
 Knobs come from --config FILE.toml (flat keys, or a pyproject-style [tool.flwr.app.config]
 table), then --set key=value overrides; every key and its default is listed below. Results go
 to results-dir: results.json, results.csv, global_model.safetensors, base.safetensors and
-clients/client_<t>.safetensors (θ₀ + Δ_t of round 1, for `fl-sim merge`)."""
+clients/client_<t>.safetensors (θ₀ + Δ_t of round 1, for `fl-sim merge`).
+
+Clients cache their updates (update-cache, cache-dir): an identical run, or another rule from
+the same θ₀, trains nothing. A one-shot run can pick β (server-lr-grid) or task_arithmetic's λ
+(lambda-grid) on the validation split; every round is evaluated on val and test."""
 
 RUN_EPILOG = """\
 examples:
   fl-sim run --set strategy=task_arithmetic --set lambda=0.3
   fl-sim run --set strategy=fednova --set preset=steps-hetero --set num-rounds=5
   fl-sim run --config sweep.toml --set results-dir=runs/fednova --ray-address auto
+  fl-sim run --set strategy=task_arithmetic --set lambda-grid="0.1,0.2,0.3,0.5"
 
 run-config keys (TOML key = default):
 """
@@ -124,6 +129,8 @@ def simulate(
     All configs must describe the same federation (task-suite, num-tasks, seed); each writes
     its own results-dir, so keep those distinct. Returns each run's results.json content. The
     first run that fails raises (a one-line ``FlSimError``); the runs before it are written.
+    With ``update-cache`` (the default) a client trains each (task, knobs, round, weights) once:
+    later runs of the sweep that start from the same weights reuse its Δ_t.
     """
     if not configs:
         raise ConfigError("simulate: no run configs given")
@@ -224,4 +231,29 @@ def summary_table(results: Mapping[str, object]) -> str:
     lines.append(
         "final per task: " + ", ".join(f"{x['name']} {x['accuracy']:.3f}" for x in final["tasks"])
     )
+    for row in results.get("beta_search") or []:
+        knob = f"λ {row['lambda']:g} (β {row['beta']:g})" if row["lambda"] else f"β {row['beta']:g}"
+        norm = row["val_mean_normalized_accuracy"]
+        chosen = "  ← selected" if row["beta"] == results["selected_beta"] else ""
+        lines.append(
+            f"search {knob}: val acc {row['val_mean_accuracy']:.3f}, "
+            f"val norm acc {'-' if norm is None else f'{norm:.3f}'}{chosen}"
+        )
+    if results.get("selected_test"):
+        test = results["selected_test"]
+        norm = test["mean_normalized_accuracy"]
+        lines.append(
+            f"selected model on test: acc {test['mean_accuracy']:.3f}, "
+            f"norm acc {'-' if norm is None else f'{norm:.3f}'}"
+        )
+    diagnostics = results.get("diagnostics") or {}
+    ratios = {label: (diagnostics.get(label) or {}).get("ratio") for label in ("round_0", "final")}
+    if any(r is not None for r in ratios.values()):
+        lines.append(
+            "gradient diversity ζ²/Σp‖g‖²: "
+            + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in ratios.items())
+        )
+    cache = results.get("update_cache") or {}
+    if cache.get("enabled"):
+        lines.append(f"update cache: {cache['trained']} trained, {cache['cached']} cached")
     return "\n".join(lines)

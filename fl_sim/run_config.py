@@ -110,6 +110,26 @@ class RunConfig:
             kind="str",
         ),
     )
+    # -- β / λ selection on validation data (one-shot runs) -------------------------------------
+    server_lr_grid: str = field(
+        default="",
+        metadata=_knob(
+            "server-lr-grid",
+            "β search (num-rounds = 1, every rule but task_arithmetic): a comma list of β; the "
+            "server computes A once, evaluates θ₀ + β·A for each β on the val split and keeps "
+            "the best mean normalised val accuracy (test is never used to select); '' = off",
+            kind="grid",
+        ),
+    )
+    lambda_grid: str = field(
+        default="",
+        metadata=_knob(
+            "lambda-grid",
+            "λ search for task_arithmetic (num-rounds = 1): a comma list of λ, each run as "
+            "β = λT and selected on the val split as server-lr-grid; '' = off",
+            kind="grid",
+        ),
+    )
     # -- local training (each: one value, a comma list with one per client, or a range) ------
     lr: float | str = field(
         default=0.05,
@@ -195,8 +215,36 @@ class RunConfig:
         default="val",
         metadata=_knob(
             "eval-split",
-            "split the merged model is evaluated on each round: val (select λ/β here) or test",
+            "the headline split of results (mean_accuracy, progress bar); the server evaluates "
+            "every round on both val and test and results keep both",
             kind="str",
+        ),
+    )
+    update_cache: bool = field(
+        default=True,
+        metadata=_knob(
+            "update-cache",
+            "clients reuse a cached Δ_t when the same client would train the same task from "
+            "the same weights with the same knobs (fine-tune once, merge many)",
+            kind="bool",
+        ),
+    )
+    cache_dir: str = field(
+        default="",
+        metadata=_knob(
+            "cache-dir",
+            "folder of the update cache (<cache-dir>/updates/); '' = each client's user cache "
+            "dir: $FL_SIM_CACHE, else $XDG_CACHE_HOME/fl-sim, else ~/.cache/fl-sim",
+            kind="str",
+        ),
+    )
+    diagnostic_batch: int = field(
+        default=256,
+        metadata=_knob(
+            "diagnostic-batch",
+            "gradient diversity ζ² at θ₀ and at the final model: the first n training examples "
+            "of every task (fixed, no sampling); 0 = skip the diagnostics",
+            kind="int",
         ),
     )
     # -- fault injection (tests and demos only) ----------------------------------------------
@@ -270,6 +318,19 @@ class RunConfig:
             preset=None if self.preset == NO_PRESET else self.preset,
         )
 
+    def server_lr_candidates(self) -> list[float]:
+        """The β grid (``server-lr-grid``); [] when the search is off."""
+        return parse_grid("server-lr-grid", self.server_lr_grid)
+
+    def lambda_candidates(self) -> list[float]:
+        """The λ grid (``lambda-grid``, task_arithmetic); [] when the search is off."""
+        return parse_grid("lambda-grid", self.lambda_grid)
+
+    @property
+    def searches_server_lr(self) -> bool:
+        """True when round 1 picks β (or λ) on the val split."""
+        return bool(self.server_lr_grid.strip() or self.lambda_grid.strip())
+
     def suite_config(self) -> dict[str, ConfigValue]:
         """The keys a client needs to build the same task suite as the server."""
         return {
@@ -295,6 +356,8 @@ class RunConfig:
         _at_least("seed", self.seed, 0)
         _at_least("fail-client", self.fail_client, -1)
         _at_least("fail-round", self.fail_round, 0)
+        _at_least("diagnostic-batch", self.diagnostic_batch, 0)
+        self._validate_search()
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ConfigError(
                 f"server-lr must be a finite number > 0, got {self.server_lr} (set server-lr=1)"
@@ -331,6 +394,47 @@ class RunConfig:
             )
         self.client_knobs()  # lists, ranges and presets are checked here, once
 
+    def _validate_search(self) -> None:
+        self.server_lr_candidates()
+        self.lambda_candidates()
+        if not self.searches_server_lr:
+            return
+        if self.num_rounds != 1:
+            raise ConfigError(
+                f"server-lr-grid / lambda-grid select β on round 1 of a one-shot run, but "
+                f"num-rounds = {self.num_rounds} (set num-rounds=1 or drop the grid)"
+            )
+        if self.strategy == "task_arithmetic" and self.server_lr_grid.strip():
+            raise ConfigError(
+                "task_arithmetic searches λ, not β: use lambda-grid (β = λT), not server-lr-grid"
+            )
+        if self.strategy != "task_arithmetic" and self.lambda_grid.strip():
+            raise ConfigError(
+                f"lambda-grid is task_arithmetic's λ; {self.strategy} searches β: "
+                "use server-lr-grid"
+            )
+
+
+def parse_grid(key: str, text: str) -> list[float]:
+    """``"0.1, 0.2,0.5"`` → [0.1, 0.2, 0.5]; '' → []; every value finite and > 0, no repeats."""
+    if not text.strip():
+        return []
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: cannot read {item.strip()!r} as a number "
+                f'(give a comma list, e.g. {key}="0.1,0.2,0.3")'
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: every value must be a finite number > 0, got {value}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}: {text!r} lists a value twice")
+    return values
+
 
 def _coerce(key: str, kind: str, value: object) -> object:
     """``value`` as the field's type; ints are accepted for floats, whole floats for ints."""
@@ -355,6 +459,12 @@ def _coerce(key: str, kind: str, value: object) -> object:
         if not isinstance(value, str):
             raise ConfigError(f'{key} must be a string, got {value!r} (set {key}="...")')
         return value
+    if kind == "grid":  # a comma list of numbers, kept as its string; one number is a grid of one
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(
+                f'{key} must be a comma list of numbers, got {value!r} (set {key}="0.1,0.3")'
+            )
+        return value if isinstance(value, str) else repr(float(value))
     # knob: a number, or a string holding a comma list, a range or a name
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(
@@ -451,6 +561,7 @@ __all__ = [
     "WEIGHTINGS",
     "RunConfig",
     "help_text",
+    "parse_grid",
     "parse_override",
     "read_toml",
     "toml_table",

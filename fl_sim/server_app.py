@@ -3,13 +3,20 @@
 ``main`` parses the run config once (``RunConfig``), builds θ₀ from the task suite, asks every
 node for its partition id (node → task t), runs the strategy of ``strategy`` for ``num-rounds``
 and evaluates the global model on every task after every round (server side, with the suite;
-round 0 is θ₀). Normalised accuracy is acc_t(θʳ) / acc_t(θ₀ + Δ_t): the client's own model
-after round 1 (its fine-tuned model: a one-shot run's task-vector checkpoint) on its own task.
+round 0 is θ₀), on the val and the test split. Normalised accuracy is acc_t(θʳ) / acc_t(θ₀ + Δ_t)
+on the same split: θ₀ + Δ_t is the client's own model after round 1 (its fine-tuned model: a
+one-shot run's task-vector checkpoint) on its own task.
+
+With ``server-lr-grid`` / ``lambda-grid`` (one-shot runs) round 1 computes A once and keeps the
+β whose θ₀ + β·A has the best mean normalised VAL accuracy; the test split only reports it.
+The gradient diversity ζ² (fl_sim/diagnostics.py) is measured at θ₀ and at the final model.
 
 Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace``):
 
-- ``results.json``: config, per-round per-task metrics, p_t, w_t, χ², ‖a_t‖₁, failures, timings;
-- ``results.csv``: one row per round × task;
+- ``results.json``: config, per-round per-task metrics on both splits (the ``eval-split`` one
+  also at the top level of each round), p_t, w_t, χ², ‖a_t‖₁, update-cache hits, the β search,
+  ζ² diagnostics, failures, timings;
+- ``results.csv``: one row per round × split × task;
 - ``global_model.safetensors`` (the final θ), ``base.safetensors`` (θ₀) and
   ``clients/client_<t>.safetensors`` (θ₀ + Δ_t of round 1) with ``clients/train_meta.json``
   (K_t and Σ_k η_t⁽ᵏ⁾ in the files' order), so ``fl-sim merge`` can redo round 1 offline.
@@ -34,11 +41,16 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 import fl_sim
+from clients.update_cache import hash_tensors, resolve_cache_dir
 from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.diagnostics import gradient_diversity, gradient_gram, task_gradients
+from fl_sim.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.run_config import RunConfig
 from fl_sim.safetensors_io import save_tensors
 from fl_sim.tasks import TaskSuite, evaluate, load_federated_state, make_suite
 from strategies.flower_strategy import FederationError, RuleStrategy, make_strategy
+from strategies.rule import client_weights
+from strategies.server_step import ServerLrCandidate, server_step
 
 RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, mean metrics)
 NODE_WAIT_SECONDS = 300.0
@@ -105,7 +117,7 @@ def discover_tasks(
 
 
 class RunRecorder:
-    """Evaluates the global model every round and keeps everything results.json holds."""
+    """Evaluates the global model every round, on val and test, and keeps what results hold."""
 
     def __init__(self, config: RunConfig, suite: TaskSuite, theta0: Mapping[str, torch.Tensor]):
         self.config = config
@@ -113,41 +125,49 @@ class RunRecorder:
         self.theta0 = dict(theta0)
         self.model = suite.build_model()
         self.out = Path(config.results_dir)
-        self.evaluations: dict[int, list[dict[str, float]]] = {}
-        self.finetuned: dict[int, dict[str, float]] = {}
+        self.evaluations: dict[int, dict[str, list[dict[str, float]]]] = {}  # round → split → t
+        self.finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
         self.client_files: list[str] = []
         self.round_seconds: dict[int, float] = {}
         self.evaluation_seconds: dict[int, float] = {}
+        self.beta_search: list[dict[str, object]] = []
+        self.selected: ServerLrCandidate | None = None
+        self.search_seconds = 0.0
+        self.diagnostics: dict[str, object] = {}
         self._last = time.perf_counter()
 
-    def evaluate(self, state: Mapping[str, torch.Tensor]) -> list[dict[str, float]]:
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
+        """Every task's loss and accuracy at ``state``, on each of SPLITS."""
         load_federated_state(self.model, state)
-        rows = []
-        for task in self.suite.tasks:
-            loss, accuracy = evaluate(self.model, task, self.config.eval_split)
-            rows.append({"loss": loss, "accuracy": accuracy})
-        return rows
+        return {
+            split: [
+                dict(zip(("loss", "accuracy"), evaluate(self.model, task, split), strict=True))
+                for task in self.suite.tasks
+            ]
+            for split in SPLITS
+        }
 
     def evaluate_round(self, server_round: int, arrays: object) -> MetricRecord:
-        """Strategy.start's evaluate_fn: every task's loss and accuracy at θʳ."""
+        """Strategy.start's evaluate_fn: every task's loss and accuracy at θʳ (both splits)."""
         self.round_seconds[server_round] = time.perf_counter() - self._last
         start = time.perf_counter()
-        rows = self.evaluate(record_to_tensors(arrays))  # type: ignore[arg-type]
-        self.evaluations[server_round] = rows
+        evaluations = self.evaluate(record_to_tensors(arrays))  # type: ignore[arg-type]
+        self.evaluations[server_round] = evaluations
         self.evaluation_seconds[server_round] = time.perf_counter() - start
         self._last = time.perf_counter()
-        n = len(rows)
-        return MetricRecord(
-            {
-                "accuracy": sum(r["accuracy"] for r in rows) / n,
-                "loss": sum(r["loss"] for r in rows) / n,
-            }
-        )
+        metrics: dict[str, float] = {}
+        for split, rows in evaluations.items():
+            metrics[f"{split}-accuracy"] = sum(r["accuracy"] for r in rows) / len(rows)
+            metrics[f"{split}-loss"] = sum(r["loss"] for r in rows) / len(rows)
+        headline = self.config.eval_split
+        metrics["accuracy"] = metrics[f"{headline}-accuracy"]
+        metrics["loss"] = metrics[f"{headline}-loss"]
+        return MetricRecord(metrics)
 
     def client_updates(
         self, server_round: int, updates: dict[int, dict[str, torch.Tensor]]
     ) -> None:
-        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task."""
+        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits)."""
         if server_round != 1:
             return
         folder = self.out / "clients"
@@ -160,12 +180,82 @@ class RunRecorder:
             save_tensors(folder / f"client_{t}.safetensors", theta_t)
             self.client_files.append(f"clients/client_{t}.safetensors")
             load_federated_state(self.model, theta_t)
-            loss, accuracy = evaluate(self.model, self.suite.tasks[t], self.config.eval_split)
-            self.finetuned[t] = {"loss": loss, "accuracy": accuracy}
+            for split in SPLITS:
+                loss, accuracy = evaluate(self.model, self.suite.tasks[t], split)
+                self.finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
 
-    def normalized(self, t: int, accuracy: float) -> float | None:
-        own = self.finetuned.get(t, {}).get("accuracy")
+    def select_server_lr(
+        self,
+        theta: Mapping[str, torch.Tensor],
+        update: Mapping[str, torch.Tensor],
+        candidates: Sequence[ServerLrCandidate],
+    ) -> int:
+        """The grid point whose θ + β·A has the best mean normalised VAL accuracy (the first on
+        ties; the mean val accuracy when no fine-tuned accuracy is known). Test is recorded,
+        never used."""
+        start = time.perf_counter()
+        scores = []
+        for candidate in candidates:
+            evaluations = self.evaluate(server_step(theta, update, candidate.beta))
+            val = self.split_summary(evaluations["val"], "val")
+            test = self.split_summary(evaluations["test"], "test")
+            normalized = val["mean_normalized_accuracy"]
+            scores.append(val["mean_accuracy"] if normalized is None else normalized)
+            self.beta_search.append(
+                {
+                    "beta": candidate.beta,
+                    "lambda": candidate.lam,
+                    "val_mean_accuracy": val["mean_accuracy"],
+                    "val_mean_normalized_accuracy": normalized,
+                    "test_mean_accuracy": test["mean_accuracy"],
+                    "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
+                }
+            )
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        self.selected = candidates[best]
+        self.search_seconds = time.perf_counter() - start
+        return best
+
+    def normalized(self, t: int, accuracy: float, split: str | None = None) -> float | None:
+        """acc_t(θ) / acc_t(θ₀ + Δ_t) on the same split (None without a fine-tuned model)."""
+        own = self.finetuned[split or self.config.eval_split].get(t, {}).get("accuracy")
         return accuracy / own if own else None
+
+    def split_summary(self, rows: list[dict[str, float]], split: str) -> dict[str, object]:
+        """Per-task and mean loss, accuracy and normalised accuracy on ``split``."""
+        names = [task.name for task in self.suite.tasks]
+        tasks = [
+            {
+                "task": t,
+                "name": names[t],
+                "loss": row["loss"],
+                "accuracy": row["accuracy"],
+                "normalized_accuracy": self.normalized(t, row["accuracy"], split),
+            }
+            for t, row in enumerate(rows)
+        ]
+        normalized = [x["normalized_accuracy"] for x in tasks]
+        return {
+            "tasks": tasks,
+            "mean_loss": sum(x["loss"] for x in tasks) / len(tasks),
+            "mean_accuracy": sum(x["accuracy"] for x in tasks) / len(tasks),
+            "mean_normalized_accuracy": (
+                sum(normalized) / len(normalized) if None not in normalized else None
+            ),
+        }
+
+    def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
+        """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
+        if self.config.diagnostic_batch > 0:
+            self.diagnostics[label] = gradient_diversity_at(
+                self.suite, self.config, state, self.client_weights()
+            )
+
+    def client_weights(self) -> list[float]:
+        """p_t of every task (uniform, or ∝ n_t with weighting = examples)."""
+        sizes = [task.num_train for task in self.suite.tasks]
+        given = sizes if self.config.weighting == "examples" else None
+        return client_weights(len(sizes), given).tolist()
 
     def results(
         self,
@@ -176,27 +266,20 @@ class RunRecorder:
         total_seconds: float,
     ) -> dict[str, object]:
         names = [task.name for task in self.suite.tasks]
+        headline = self.config.eval_split
         rounds = []
         train_rounds = {record.round: record for record in strategy.rounds}
         for r in sorted(self.evaluations):
-            tasks = [
-                {
-                    "task": t,
-                    "name": names[t],
-                    "loss": row["loss"],
-                    "accuracy": row["accuracy"],
-                    "normalized_accuracy": self.normalized(t, row["accuracy"]),
-                }
-                for t, row in enumerate(self.evaluations[r])
-            ]
-            normalized = [x["normalized_accuracy"] for x in tasks]
+            splits = {
+                split: self.split_summary(rows, split)
+                for split, rows in self.evaluations[r].items()
+            }
             entry: dict[str, object] = {
                 "round": r,
-                "tasks": tasks,
-                "mean_accuracy": sum(x["accuracy"] for x in tasks) / len(tasks),
-                "mean_normalized_accuracy": (
-                    sum(normalized) / len(normalized) if None not in normalized else None
-                ),
+                "tasks": splits[headline]["tasks"],
+                "mean_accuracy": splits[headline]["mean_accuracy"],
+                "mean_normalized_accuracy": splits[headline]["mean_normalized_accuracy"],
+                "splits": splits,
                 "timings": {
                     "round_seconds": self.round_seconds.get(r),
                     "evaluation_seconds": self.evaluation_seconds.get(r),
@@ -206,7 +289,20 @@ class RunRecorder:
                 train = train_rounds[r].to_json()
                 entry["timings"]["aggregation_seconds"] = train.pop("aggregation_seconds")  # type: ignore[index]
                 entry["training"] = train
+                cached = sum(train_rounds[r].cached)
+                entry["update_cache"] = {
+                    "trained": len(train_rounds[r].clients) - cached,
+                    "cached": cached,
+                }
             rounds.append(entry)
+        final_round = max((r for r in self.evaluations), default=None)
+        selected_test = (
+            self.split_summary(self.evaluations[final_round]["test"], "test")
+            if self.selected is not None and final_round == 1 and status == "completed"
+            else None
+        )
+        trained = sum(len(rec.clients) - sum(rec.cached) for rec in strategy.rounds)
+        cached = sum(sum(rec.cached) for rec in strategy.rounds)
         return {
             "status": status,
             "error": error,
@@ -217,13 +313,39 @@ class RunRecorder:
                 "torch": torch.__version__,
             },
             "strategy": type(strategy).__name__,
-            "eval_split": self.config.eval_split,
+            "eval_split": headline,
+            "splits": list(SPLITS),
             "tasks": names,
             "num_examples": [task.num_train for task in self.suite.tasks],
-            "finetuned": {str(t): v for t, v in sorted(self.finetuned.items())},
+            "finetuned": {str(t): v for t, v in sorted(self.finetuned[headline].items())},
+            "finetuned_splits": {
+                split: {str(t): v for t, v in sorted(self.finetuned[split].items())}
+                for split in SPLITS
+            },
             "rounds": rounds,
+            "beta_search": self.beta_search or None,
+            "selected_beta": None if self.selected is None else self.selected.beta,
+            "selected_lambda": None if self.selected is None else self.selected.lam,
+            "selected_test": selected_test,
+            "diagnostics": (
+                {
+                    "batch_size": self.config.diagnostic_batch,
+                    "round_0": self.diagnostics.get("round_0"),
+                    "final": self.diagnostics.get("final"),
+                }
+                if self.config.diagnostic_batch > 0
+                else None
+            ),
+            "update_cache": {
+                "enabled": self.config.update_cache,
+                "dir": str(resolve_cache_dir(self.config.cache_dir) / "updates")
+                if self.config.update_cache
+                else None,
+                "trained": trained,
+                "cached": cached,
+            },
             "failures": [asdict(f) for f in strategy.failures],
-            "timings": {"total_seconds": total_seconds},
+            "timings": {"total_seconds": total_seconds, "search_seconds": self.search_seconds},
             "files": {
                 "global_model": "global_model.safetensors" if status == "completed" else None,
                 "base": "base.safetensors",
@@ -235,20 +357,41 @@ class RunRecorder:
     def csv_rows(self) -> list[dict[str, object]]:
         rows = []
         for r in sorted(self.evaluations):
-            for t, row in enumerate(self.evaluations[r]):
-                rows.append(
-                    {
-                        "round": r,
-                        "task": t,
-                        "name": self.suite.tasks[t].name,
-                        "split": self.config.eval_split,
-                        "loss": row["loss"],
-                        "accuracy": row["accuracy"],
-                        "finetuned_accuracy": self.finetuned.get(t, {}).get("accuracy"),
-                        "normalized_accuracy": self.normalized(t, row["accuracy"]),
-                    }
-                )
+            for split, evaluations in self.evaluations[r].items():
+                for t, row in enumerate(evaluations):
+                    rows.append(
+                        {
+                            "round": r,
+                            "task": t,
+                            "name": self.suite.tasks[t].name,
+                            "split": split,
+                            "loss": row["loss"],
+                            "accuracy": row["accuracy"],
+                            "finetuned_accuracy": self.finetuned[split].get(t, {}).get("accuracy"),
+                            "normalized_accuracy": self.normalized(t, row["accuracy"], split),
+                        }
+                    )
         return rows
+
+
+_GRAMS: dict[tuple[object, ...], torch.Tensor] = {}  # θ₀'s is shared by every run of a sweep
+
+
+def gradient_diversity_at(
+    suite: TaskSuite, config: RunConfig, state: Mapping[str, torch.Tensor], weights: list[float]
+) -> dict[str, object]:
+    """``fl_sim.diagnostics`` at ``state``; the Gram matrix is memoised per suite and weights."""
+    key = (
+        tuple(sorted(config.suite_config().items())),
+        config.diagnostic_batch,
+        hash_tensors(state),
+    )
+    if key not in _GRAMS:
+        _GRAMS[key] = gradient_gram(task_gradients(suite, state, config.diagnostic_batch))
+    return {
+        **gradient_diversity(_GRAMS[key], weights),
+        "batch_size": [min(config.diagnostic_batch, task.num_train) for task in suite.tasks],
+    }
 
 
 def run_federation(
@@ -264,7 +407,13 @@ def run_federation(
 
     node_tasks = discover_tasks(grid, suite.num_tasks)
     recorder = RunRecorder(config, suite, theta0)
-    strategy = make_strategy(config, node_tasks, on_updates=recorder.client_updates)
+    recorder.measure_diagnostics("round_0", theta0)
+    strategy = make_strategy(
+        config,
+        node_tasks,
+        on_updates=recorder.client_updates,
+        select_server_lr=recorder.select_server_lr,
+    )
 
     def evaluate_fn(server_round: int, arrays: object) -> MetricRecord:
         metrics = recorder.evaluate_round(server_round, arrays)
@@ -279,6 +428,7 @@ def run_federation(
         )
         final = record_to_tensors(result.arrays)
         save_tensors(out / "global_model.safetensors", dict(final))
+        recorder.measure_diagnostics("final", final)
     except FederationError as failure:
         status, error = "failed", str(failure)
         raise

@@ -16,7 +16,12 @@ overrides only ``aggregate_train``:
 - ``CClipStrategy``: centered clipping from v₀ = the previous round's A (0 in round 1).
 
 Every round records p_t, ‖a_t‖₁, the effective weights w_t = p_t‖a_t‖₁ / Σ_i p_i‖a_i‖₁ and
-χ²(p‖w) = Σ_t (p_t − w_t)²/w_t, ‖Δ_t‖₂, the rule's own figures and the aggregation time.
+χ²(p‖w) = Σ_t (p_t − w_t)²/w_t, ‖Δ_t‖₂, which clients answered from the update cache, the rule's
+own figures and the aggregation time.
+
+β search (``server-lr-grid``; task_arithmetic: ``lambda-grid``, β = λT), one-shot runs only: round
+1 aggregates A once (``strategies/server_step.py``), the ``select_server_lr`` callback (the
+ServerApp, on validation data) picks a grid point, and the round's model is θ₀ + β·A.
 A failed client (an error reply, a reply without Δ_t, or no reply) is logged and recorded
 (round, node, task, reason); the round goes on if at least ``min-clients`` replied (0: all),
 otherwise ``FederationError``. Nothing is dropped silently.
@@ -45,7 +50,8 @@ from fl_sim.heterogeneity import chi_square, effective_weights
 from fl_sim.run_config import RunConfig
 from strategies.fedavg import task_arithmetic_server_lr
 from strategies.registry import RuleConfig, make_rule
-from strategies.rule import client_weights
+from strategies.rule import Rule, client_weights
+from strategies.server_step import SelectServerLr, ServerLrCandidate, server_step
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
 
 UpdatesCallback = Callable[[int, dict[int, dict[str, torch.Tensor]]], None]
@@ -87,6 +93,7 @@ class RoundRecord:
     rule_summary: dict[str, object]
     aggregation_seconds: float
     failures: int = 0
+    cached: list[bool] = field(default_factory=list)  # Δ_t came from the update cache
     client_evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
@@ -105,6 +112,7 @@ class RuleStrategy(Strategy):
         *,
         evaluate_on_clients: bool = False,
         on_updates: UpdatesCallback | None = None,
+        select_server_lr: SelectServerLr | None = None,
     ) -> None:
         if config.strategy != self.rule_name:
             raise FlSimError(
@@ -116,6 +124,7 @@ class RuleStrategy(Strategy):
         self.device = resolve_device(config.server_device)
         self.evaluate_on_clients = evaluate_on_clients
         self.on_updates = on_updates
+        self.select_server_lr = select_server_lr
         self.rounds: list[RoundRecord] = []
         self.failures: list[ClientFailure] = []
         self._theta: dict[str, torch.Tensor] = {}
@@ -130,6 +139,10 @@ class RuleStrategy(Strategy):
     def server_lr(self, num_clients: int) -> float:
         """β for a round with ``num_clients`` replies."""
         return self.config.server_lr
+
+    def server_lr_candidates(self, num_clients: int) -> list[ServerLrCandidate]:
+        """The β grid searched in round 1 (``server-lr-grid``); [] = no search."""
+        return [ServerLrCandidate(beta) for beta in self.config.server_lr_candidates()]
 
     def center(self) -> Mapping[str, torch.Tensor] | None:
         """cclip's v₀; None for every other rule."""
@@ -174,6 +187,8 @@ class RuleStrategy(Strategy):
             record["server-round"] = server_round
             record["a-norm"] = self.config.a_norm
             record["full-batch"] = self.config.full_batch
+            record["update-cache"] = self.config.update_cache
+            record["cache-dir"] = self.config.cache_dir
             record["inject-failure"] = (
                 t == self.config.fail_client and server_round == self.config.fail_round
             )
@@ -198,23 +213,27 @@ class RuleStrategy(Strategy):
 
         given = num_examples if self.config.weighting == "examples" else None
         p = client_weights(len(valid), given).tolist()
-        beta = self.server_lr(len(valid))
         rule = make_rule(self.rule_config(given, a_norm), len(valid), self.center())
-        plans = [TensorPlan(n, tuple(x.shape), x.dtype) for n, x in self._theta.items()]
-        options = AggregationOptions(
-            server_lr=beta,
-            inputs="updates",
-            device=self.device,
-            client_names=[f"client {t} (round {server_round})" for t in tasks],
-        )
+        if self.on_updates is not None:  # before aggregating: a β search needs the clients' θ_t
+            self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
+        candidates = self.server_lr_candidates(len(valid)) if server_round == 1 else []
         start = time.perf_counter()
-        merged = {
-            name: tensor.clone()
-            for name, tensor in aggregate_model(
-                rule, plans, self._theta.__getitem__, [u.__getitem__ for u in updates], options
-            )
-        }
-        seconds = time.perf_counter() - start
+        if candidates:
+            if self.select_server_lr is None:
+                raise FlSimError(
+                    "server-lr-grid / lambda-grid need a select_server_lr callback (the ServerApp)"
+                )
+            # A itself: the engine from a zero base with β = 1, then θ₀ + β·A per grid point
+            update = self._aggregate(server_round, rule, tasks, updates, 1.0, zero_base=True)
+            seconds = time.perf_counter() - start
+            beta = candidates[self.select_server_lr(self._theta, update, candidates)].beta
+            start = time.perf_counter()
+            merged = server_step(self._theta, update, beta)
+        else:
+            beta = self.server_lr(len(valid))
+            merged = self._aggregate(server_round, rule, tasks, updates, beta, zero_base=False)
+            seconds = 0.0
+        seconds += time.perf_counter() - start
         self.after_round(self._theta, merged, beta)
 
         w = effective_weights(p, a_norm)
@@ -237,10 +256,9 @@ class RuleStrategy(Strategy):
                 rule_summary=rule.summary(),
                 aggregation_seconds=seconds,
                 failures=sum(f.round == server_round for f in self.failures),
+                cached=[bool(m.get("cached", 0)) for m in metrics],
             )
         )
-        if self.on_updates is not None:
-            self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
         record = self.rounds[-1]
         summary = MetricRecord(
             {
@@ -252,6 +270,37 @@ class RuleStrategy(Strategy):
             }
         )
         return tensors_to_record(merged), summary
+
+    def _aggregate(
+        self,
+        server_round: int,
+        rule: Rule,
+        tasks: list[int],
+        updates: list[dict[str, torch.Tensor]],
+        beta: float,
+        *,
+        zero_base: bool,
+    ) -> dict[str, torch.Tensor]:
+        """θʳ + β·A through ``aggregate_model``; ``zero_base``: A·β alone (θʳ's integers kept)."""
+        theta = self._theta
+
+        def base(name: str) -> torch.Tensor:
+            tensor = theta[name]
+            return torch.zeros_like(tensor) if zero_base and tensor.is_floating_point() else tensor
+
+        plans = [TensorPlan(n, tuple(x.shape), x.dtype) for n, x in theta.items()]
+        options = AggregationOptions(
+            server_lr=beta,
+            inputs="updates",
+            device=self.device,
+            client_names=[f"client {t} (round {server_round})" for t in tasks],
+        )
+        return {
+            name: tensor.clone()
+            for name, tensor in aggregate_model(
+                rule, plans, base, [u.__getitem__ for u in updates], options
+            )
+        }
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -409,6 +458,12 @@ class TaskArithmeticStrategy(RuleStrategy):
     def server_lr(self, num_clients: int) -> float:
         return task_arithmetic_server_lr(self.config.lam, num_clients)
 
+    def server_lr_candidates(self, num_clients: int) -> list[ServerLrCandidate]:
+        return [
+            ServerLrCandidate(task_arithmetic_server_lr(lam, num_clients), lam)
+            for lam in self.config.lambda_candidates()
+        ]
+
 
 class FedNovaStrategy(RuleStrategy):
     """FedNova (Wang et al., 2020): A = τ_eff Σ_t p_t Δ_t / ‖a_t‖₁ with the clients' ‖a_t‖₁."""
@@ -487,10 +542,15 @@ def make_strategy(
     *,
     evaluate_on_clients: bool = False,
     on_updates: UpdatesCallback | None = None,
+    select_server_lr: SelectServerLr | None = None,
 ) -> RuleStrategy:
     """The strategy named by ``config.strategy``."""
     return STRATEGIES[config.strategy](
-        config, node_tasks, evaluate_on_clients=evaluate_on_clients, on_updates=on_updates
+        config,
+        node_tasks,
+        evaluate_on_clients=evaluate_on_clients,
+        on_updates=on_updates,
+        select_server_lr=select_server_lr,
     )
 
 

@@ -64,6 +64,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch, tmp_path):
+    """The update cache's default folder ($FL_SIM_CACHE) in this test's tmp_path."""
+    monkeypatch.setenv("FL_SIM_CACHE", str(tmp_path / "fl-sim-cache"))
+
+
 @pytest.fixture
 def task_identity():
     """What run_simulation sets before a ServerApp builds Messages."""
@@ -318,7 +324,9 @@ def simulation(tmp_path_factory):
         "too_few": config(num_rounds=2, fail_client=1, fail_round=2),
     }
     configs = [
-        RunConfig.from_mapping({**c.to_mapping(), "results-dir": str(root / name)})
+        RunConfig.from_mapping(
+            {**c.to_mapping(), "results-dir": str(root / name), "cache-dir": str(root / "cache")}
+        )
         for name, c in runs.items()
     ]
     with pytest.raises(FederationError) as error:
@@ -364,7 +372,7 @@ def test_task_arithmetic_equals_one_shot_fedavg_through_flower(simulation):
     assert set(results["finetuned"]) == {"0", "1", "2"}
     assert results["rounds"][1]["training"]["chi_square"] == pytest.approx(0.0)
     csv_lines = (root / "fedavg" / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 2 * T
+    assert len(csv_lines) == 1 + 2 * 2 * T  # rounds 0 and 1, val and test, every task
 
 
 @pytest.mark.slow
@@ -429,3 +437,13 @@ def test_failed_client_is_recorded_and_the_run_finishes(simulation):
     assert "\n" not in str(error)
     too_few, _ = read_run(root, "too_few")
     assert too_few["status"] == "failed" and too_few["error"] == str(error)
+
+
+@pytest.mark.slow
+def test_later_runs_of_a_sweep_reuse_the_cached_updates_through_ray(simulation):
+    root, _ = simulation
+    first, _ = read_run(root, "fedavg")
+    same, _ = read_run(root, "fednova_same")  # the same clients, knobs and θ₀: nothing to train
+    assert first["rounds"][1]["update_cache"] == {"trained": T, "cached": 0}
+    assert same["rounds"][1]["update_cache"] == {"trained": 0, "cached": T}
+    assert same["rounds"][1]["training"]["cached"] == [True] * T

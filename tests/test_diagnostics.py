@@ -1,0 +1,93 @@
+"""Gradient diversity ζ² = Σ_t p_t ‖g_t − ḡ‖² (fl_sim/diagnostics.py) against an independent
+computation, and in results.json."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_federation import InProcessGrid, config, isolated_cache, task_identity  # noqa: F401 (fixtures)
+
+from fl_sim.diagnostics import measure
+from fl_sim.server_app import run_federation
+from fl_sim.tasks import make_suite
+
+pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
+T = 3
+BATCH = 64
+
+
+def independent_gradients(suite, batch_size):
+    """g_t as one flat float64 vector, through torch.autograd.functional.jacobian of a loss
+    written out by hand over the flattened backbone parameters (Linear-tanh-Linear-tanh)."""
+    model = suite.build_model()
+    names = [n for n, _ in model.backbone.named_parameters()]
+    shapes = [p.shape for _, p in model.backbone.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.backbone.parameters()]).double()
+
+    def unflatten(flat):
+        out, start = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            n = shape.numel()
+            out[name] = flat[start : start + n].reshape(shape)
+            start += n
+        return out
+
+    gradients = []
+    for t, task in enumerate(suite.tasks):
+        x, y = task.train_x[:batch_size].double(), task.train_y[:batch_size]
+        head = model.heads[t]
+
+        def loss(flat, x=x, y=y, head=head):
+            p = unflatten(flat)
+            h = torch.tanh(x @ p["0.weight"].T + p["0.bias"])
+            h = torch.tanh(h @ p["2.weight"].T + p["2.bias"])
+            logits = h @ head.weight.double().T + head.bias.double()
+            return F.cross_entropy(logits, y)
+
+        gradients.append(torch.autograd.functional.jacobian(loss, flat0))
+    return torch.stack(gradients)
+
+
+@pytest.mark.parametrize("weights", [[1 / 3] * 3, [0.5, 0.3, 0.2]])
+def test_gradient_diversity_matches_an_independent_computation(weights):
+    suite = make_suite("toy", num_tasks=T, seed=0)
+    g = independent_gradients(suite, BATCH)
+    p = torch.tensor(weights, dtype=torch.float64)
+    g_bar = p @ g
+    zeta_square = float(sum(p[t] * (g[t] - g_bar).square().sum() for t in range(T)))
+    mean_square_norm = float(sum(p[t] * g[t].square().sum() for t in range(T)))
+    measured = measure(suite, suite.initial_state(), weights, BATCH)
+    assert measured["zeta_square"] == pytest.approx(zeta_square, rel=1e-5)
+    assert measured["mean_square_norm"] == pytest.approx(mean_square_norm, rel=1e-5)
+    assert measured["ratio"] == pytest.approx(zeta_square / mean_square_norm, rel=1e-5)
+    assert measured["gradient_norms"] == pytest.approx(g.norm(dim=1).tolist(), rel=1e-5)
+    assert 0 < measured["ratio"] < 1
+    assert measured["batch_size"] == [BATCH] * T
+
+
+def test_gradient_diversity_is_zero_when_all_tasks_are_identical():
+    suite = make_suite("toy", num_tasks=T, seed=0)
+    # the same data under three names, set before the heads are fitted: identical heads too
+    suite.tasks = [replace(suite.tasks[0], name=f"same{t}") for t in range(T)]
+    measured = measure(suite, suite.initial_state(), [1 / T] * T, BATCH)
+    assert measured["mean_square_norm"] > 0
+    assert measured["zeta_square"] == pytest.approx(0.0, abs=1e-12 * measured["mean_square_norm"])
+
+
+def test_results_hold_diversity_at_theta0_and_at_the_merged_model(tmp_path):
+    results = run_federation(
+        InProcessGrid(T), config(diagnostic_batch=BATCH, results_dir=str(tmp_path / "a"))
+    )
+    diagnostics = results["diagnostics"]
+    assert diagnostics["batch_size"] == BATCH
+    suite = make_suite("toy", num_tasks=T, seed=0)
+    expected = measure(suite, suite.initial_state(), [1 / T] * T, BATCH)
+    assert diagnostics["round_0"]["zeta_square"] == pytest.approx(expected["zeta_square"])
+    assert diagnostics["final"]["zeta_square"] != diagnostics["round_0"]["zeta_square"]
+    off = run_federation(
+        InProcessGrid(T), config(diagnostic_batch=0, results_dir=str(tmp_path / "b"))
+    )
+    assert off["diagnostics"] is None
