@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -258,11 +258,40 @@ class ToySuite(TaskSuite):
         return model
 
 
-SUITES: dict[str, type[TaskSuite]] = {"toy": ToySuite}
+def _digits_suite(**kwargs: object) -> TaskSuite:
+    # imported on use: fl_sim.digits_suite imports this module, and transformers is slow to load
+    from fl_sim.digits_suite import DigitsSuite
+
+    return DigitsSuite(**kwargs)
+
+
+def _text_suite(**kwargs: object) -> TaskSuite:
+    # imported on use, as digits: fl_sim.text_suite imports this module
+    from fl_sim.text_suite import TextSuite
+
+    return TextSuite(**kwargs)
+
+
+def _local_suite(**kwargs: object) -> TaskSuite:
+    from fl_sim.local_suite import LocalSuite
+
+    return LocalSuite(**kwargs)
+
+
+SUITES: dict[str, Callable[..., TaskSuite]] = {
+    "toy": ToySuite,
+    "digits": _digits_suite,
+    "text": _text_suite,
+    "local": _local_suite,
+}
 
 
 def make_suite(name: str, **kwargs: object) -> TaskSuite:
-    """The suite registered as ``name`` ("toy"), built with ``kwargs``."""
+    """The suite registered as ``name`` ("toy", "digits", "text", "local"), built with ``kwargs``.
+
+    The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
+    folder; see fl_sim/pretrained_encoders.py); local takes ``paths=[one per task]``.
+    """
     if name not in SUITES:
         raise ConfigError(f"unknown task suite {name!r}; choose one of {', '.join(SUITES)}")
     return SUITES[name](**kwargs)
