@@ -439,7 +439,15 @@ def run_size(args: argparse.Namespace, hidden: int, work: Path) -> dict[str, obj
 
     toy_size = f"{args.dim},{hidden}"
     size_toy_suite(toy_size)
-    base: dict[str, object] = {"num-tasks": args.num_tasks, "local-steps": args.local_steps}
+    base: dict[str, object] = {
+        "experiment": "single",
+        "task-suite": "toy",
+        "optimizer": "sgd",
+        "preset": "none",
+        "lr": 0.05,
+        "num-tasks": args.num_tasks,
+        "local-steps": args.local_steps,
+    }
     if "update-cache" in RunConfig().to_mapping():  # every run must train, not reuse a Δ_t
         base["update-cache"] = False
     jobs = {"one-shot": 1, f"{args.rounds} rounds": args.rounds}

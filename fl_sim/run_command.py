@@ -27,6 +27,11 @@ FLOWER_ENVIRONMENT = {
 }
 
 RUN_DESCRIPTION = """\
+With no arguments: the default experiment (experiment = "compare"): the digits suite and the
+vit-digits model, 8 clients with heterogeneous learning rates (preset lr-hetero), every rule
+one-shot (β chosen on val) and multi-round (5 rounds, same total steps); a table, results and
+plots in results-dir. experiment = "single" runs one strategy:
+
 Run a federation on Flower's simulation engine (Ray): T clients, client t fine-tunes task t
 from the global model θʳ and returns Δ_t; the server applies θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T).
 num-rounds = 1 from θ₀ is one-shot merging: with fedavg, p_t = 1/T and β = λT (or
@@ -43,10 +48,12 @@ the same θ₀, trains nothing. A one-shot run can pick β (server-lr-grid) or t
 
 RUN_EPILOG = """\
 examples:
-  fl-sim run --set strategy=task_arithmetic --set lambda=0.3
-  fl-sim run --set strategy=fednova --set preset=steps-hetero --set num-rounds=5
-  fl-sim run --config sweep.toml --set results-dir=runs/fednova --ray-address auto
-  fl-sim run --set strategy=task_arithmetic --set lambda-grid="0.1,0.2,0.3,0.5"
+  fl-sim run                                   # the default experiment: every rule, digits
+  fl-sim run --set rules=task_arithmetic,fednova --set preset=steps-hetero
+  fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda=0.3
+  fl-sim run --set experiment=single --set strategy=fednova --set num-rounds=5
+  fl-sim run --config my.toml --set results-dir=runs/fednova --ray-address auto
+  fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda-grid=0.1,0.2,0.3
 
 run-config keys (TOML key = default):
 """
@@ -88,16 +95,25 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fl_sim.experiment import expand_experiment, table, write_experiment
+
     config = RunConfig.from_sources(args.config, args.overrides)
     results = simulate(
-        [config],
+        expand_experiment(config),
         num_supernodes=args.num_supernodes,
         ray_address=args.ray_address,
         progress=not args.no_progress,
         verbose=args.verbose,
     )
-    print(summary_table(results[0]))
-    print(f"results: {Path(config.results_dir) / 'results.json'}")
+    if config.experiment == "single":
+        print(summary_table(results[0]))
+        print(f"results: {Path(config.results_dir) / 'results.json'}")
+        return 0
+    summary = write_experiment(config, results)
+    print(table(summary))
+    root = Path(config.results_dir)
+    print(f"results: {root / 'experiment.json'}, {root / 'experiment.csv'}")
+    print(f"plots: {root / 'plots'}/")
     return 0
 
 

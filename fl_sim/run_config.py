@@ -33,6 +33,7 @@ from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
 WEIGHTINGS = ("uniform", "examples")
 SERVER_DEVICES = ("auto", "cpu", "cuda")
 EVAL_SPLITS = ("val", "test")
+EXPERIMENTS = ("compare", "single")
 NO_PRESET = "none"
 
 ConfigValue = bool | int | float | str
@@ -46,6 +47,43 @@ def _knob(key: str, help: str, *, kind: str) -> dict[str, str]:
 class RunConfig:
     """The run's knobs; field metadata holds each TOML key and its ``fl-sim run --help`` text."""
 
+    # -- the experiment ------------------------------------------------------------------------
+    experiment: str = field(
+        default="compare",
+        metadata=_knob(
+            "experiment",
+            "compare = every rule in `rules`, one-shot (β picked on val from compare-beta-grid) "
+            "and multi-round (multi-rounds rounds at the same total steps), then a table and "
+            "plots; single = one run of `strategy`",
+            kind="str",
+        ),
+    )
+    rules: str = field(
+        default=",".join(RULE_NAMES),
+        metadata=_knob("rules", "compare: the rules to run (comma list)", kind="str"),
+    )
+    compare_beta_grid: str = field(
+        default="0.5,1,1.5,2,2.5,3,4",
+        metadata=_knob(
+            "compare-beta-grid",
+            "compare: the β grid searched on val for every one-shot rule (task_arithmetic: "
+            "λ = β/T); every rule's A is mean-like, so one grid serves all",
+            kind="str",
+        ),
+    )
+    multi_rounds: int = field(
+        default=5,
+        metadata=_knob(
+            "multi-rounds",
+            "compare: R of the multi-round runs, each with local-steps/R steps per round "
+            "(the same total); 0 = one-shot only",
+            kind="int",
+        ),
+    )
+    multi_round_server_lr: float = field(
+        default=1.0,
+        metadata=_knob("multi-round-server-lr", "compare: β of the multi-round runs", kind="float"),
+    )
     # -- the aggregation rule ------------------------------------------------------------------
     strategy: str = field(
         default="fedavg",
@@ -90,6 +128,15 @@ class RunConfig:
             kind="float",
         ),
     )
+    tau_c_auto: bool = field(
+        default=False,
+        metadata=_knob(
+            "tau-c-auto",
+            "cclip: each round, τ_c = the median over clients of ‖Δ_t − v₀‖₂ (needs tau-c = 0); "
+            "a scale-free radius, recorded per round",
+            kind="bool",
+        ),
+    )
     cclip_iters: int = field(
         default=1, metadata=_knob("cclip-iters", "cclip: iterations L ≥ 1", kind="int")
     )
@@ -132,7 +179,7 @@ class RunConfig:
     )
     # -- local training (each: one value, a comma list with one per client, or a range) ------
     lr: float | str = field(
-        default=0.05,
+        default=1e-4,
         metadata=_knob(
             "lr",
             "η_t: a number, a comma list (one per client) or a range log:A:B / lin:A:B",
@@ -140,7 +187,7 @@ class RunConfig:
         ),
     )
     local_steps: int | str = field(
-        default=20,
+        default=200,
         metadata=_knob(
             "local-steps", "K_t: local steps per round (number, list or range)", kind="knob"
         ),
@@ -155,7 +202,7 @@ class RunConfig:
         default=0, metadata=_knob("warmup-steps", "warm-up steps per client", kind="knob")
     )
     optimizer: str = field(
-        default="sgd",
+        default="adamw",
         metadata=_knob("optimizer", "sgd, sgd-momentum or adamw (or a comma list)", kind="knob"),
     )
     momentum: float | str = field(
@@ -168,7 +215,7 @@ class RunConfig:
         default=32, metadata=_knob("batch-size", "mini-batch size per client", kind="knob")
     )
     preset: str = field(
-        default=NO_PRESET,
+        default="lr-hetero",
         metadata=_knob(
             "preset",
             f"heterogeneity preset spreading one lr and local-steps: {NO_PRESET}, "
@@ -188,10 +235,11 @@ class RunConfig:
     )
     # -- tasks, engine, results ------------------------------------------------------------
     task_suite: str = field(
-        default="toy", metadata=_knob("task-suite", "the task suite (clients = tasks)", kind="str")
+        default="digits",
+        metadata=_knob("task-suite", "the task suite (clients = tasks)", kind="str"),
     )
     num_tasks: int = field(
-        default=4, metadata=_knob("num-tasks", "T, tasks = clients in the suite", kind="int")
+        default=8, metadata=_knob("num-tasks", "T, tasks = clients in the suite", kind="int")
     )
     results_dir: str = field(
         default="results",
@@ -331,6 +379,13 @@ class RunConfig:
         """True when round 1 picks β (or λ) on the val split."""
         return bool(self.server_lr_grid.strip() or self.lambda_grid.strip())
 
+    def rule_names(self) -> list[str]:
+        """The ``rules`` of a compare experiment, in order."""
+        names = [name.strip() for name in self.rules.split(",") if name.strip()]
+        if not names:
+            raise ConfigError(f"rules must name at least one rule of {', '.join(RULE_NAMES)}")
+        return names
+
     def suite_config(self) -> dict[str, ConfigValue]:
         """The keys a client needs to build the same task suite as the server."""
         return {
@@ -342,6 +397,27 @@ class RunConfig:
     # -- validation ------------------------------------------------------------------------------
 
     def _validate(self) -> None:
+        _choice("experiment", self.experiment, EXPERIMENTS)
+        for rule in self.rule_names():
+            _choice("rules", rule, RULE_NAMES)
+        parse_grid("compare-beta-grid", self.compare_beta_grid)
+        _at_least("multi-rounds", self.multi_rounds, 0)
+        if not (math.isfinite(self.multi_round_server_lr) and self.multi_round_server_lr > 0):
+            raise ConfigError(
+                f"multi-round-server-lr must be a finite number > 0, got "
+                f"{self.multi_round_server_lr} (set multi-round-server-lr=1)"
+            )
+        if self.experiment == "compare" and self.strategy != "fedavg":
+            raise ConfigError(
+                f"experiment=compare runs every rule in `rules`; to run strategy={self.strategy} "
+                f"alone set experiment=single (or compare a subset: rules={self.strategy},...)"
+            )
+        if self.experiment == "compare" and (self.num_rounds != 1 or self.searches_server_lr):
+            raise ConfigError(
+                "experiment=compare runs every rule itself (one-shot with compare-beta-grid, "
+                "multi-round with multi-rounds); set experiment=single to choose num-rounds or "
+                "a grid for one strategy"
+            )
         _choice("strategy", self.strategy, RULE_NAMES)
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("a-norm", self.a_norm, A_NORMS)
@@ -370,10 +446,14 @@ class RunConfig:
             raise ConfigError(f"rho must be in [0, 1], got {self.rho} (set rho=0.5)")
         if not self.tau_c >= 0:  # also rejects NaN
             raise ConfigError(f"tau-c must be > 0 (or 0 = unset), got {self.tau_c} (set tau-c=5)")
-        if self.strategy == "cclip" and self.tau_c == 0:
+        if self.tau_c_auto and self.tau_c != 0:
             raise ConfigError(
-                "cclip needs tau-c > 0, its clipping radius in units of ‖Δ_t‖₂ (set tau-c=...; "
-                "a fedavg run's results.json lists every round's update norms)"
+                f"tau-c-auto picks τ_c itself; drop tau-c={self.tau_c} (or set tau-c-auto=false)"
+            )
+        if self.strategy == "cclip" and self.tau_c == 0 and not self.tau_c_auto:
+            raise ConfigError(
+                "cclip needs tau-c > 0, its clipping radius in units of ‖Δ_t‖₂ (set tau-c=..., "
+                "or tau-c-auto=true for the median update norm; results.json lists them)"
             )
         if self.weighting == "examples" and self.strategy in ("task_arithmetic", "median"):
             raise ConfigError(

@@ -59,8 +59,22 @@ NODE_WAIT_SECONDS = 300.0
 def make_server_app(
     run_config: RunConfig | None = None, *, on_round: RoundCallback | None = None
 ) -> ServerApp:
-    """A ServerApp for ``run_config``; None: parse Flower's ``context.run_config`` (flwr run)."""
-    return make_sweep_server_app(None if run_config is None else [run_config], on_round=on_round)
+    """A ServerApp for ``run_config`` (None: parse Flower's ``context.run_config``, as under
+    ``flwr run``); a compare experiment runs all its runs, then writes its table and plots."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fl_sim.experiment import expand_experiment, write_experiment
+
+        config = run_config or RunConfig.from_mapping(dict(context.run_config))
+        results = [
+            run_federation(grid, run, on_round=on_round) for run in expand_experiment(config)
+        ]
+        if config.experiment == "compare":
+            write_experiment(config, results)
+
+    return app
 
 
 def make_sweep_server_app(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -144,6 +145,9 @@ class RuleStrategy(Strategy):
         """The β grid searched in round 1 (``server-lr-grid``); [] = no search."""
         return [ServerLrCandidate(beta) for beta in self.config.server_lr_candidates()]
 
+    def prepare_round(self, updates: list[dict[str, torch.Tensor]]) -> None:
+        """Look at this round's updates before the rule is built (cclip's tau-c-auto)."""
+
     def center(self) -> Mapping[str, torch.Tensor] | None:
         """cclip's v₀; None for every other rule."""
         return None
@@ -213,6 +217,7 @@ class RuleStrategy(Strategy):
 
         given = num_examples if self.config.weighting == "examples" else None
         p = client_weights(len(valid), given).tolist()
+        self.prepare_round(updates)
         rule = make_rule(self.rule_config(given, a_norm), len(valid), self.center())
         if self.on_updates is not None:  # before aggregating: a β search needs the clients' θ_t
             self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
@@ -500,14 +505,32 @@ class CClipStrategy(RuleStrategy):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.previous_update: dict[str, torch.Tensor] | None = None
+        self.round_tau_c = math.nan
 
     def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
         return RuleConfig(
             name=self.rule_name,
             weights=weights,
-            tau_c=self.config.tau_c,
+            tau_c=self.round_tau_c if self.config.tau_c_auto else self.config.tau_c,
             iters=self.config.cclip_iters,
         )
+
+    def prepare_round(self, updates: list[dict[str, torch.Tensor]]) -> None:
+        """tau-c-auto: τ_c = median_t ‖Δ_t − v₀‖₂ over this round's updates."""
+        if not self.config.tau_c_auto:
+            return
+        center = self.previous_update or {}
+        distances = [
+            update_norm(
+                {
+                    name: delta - center[name] if name in center else delta
+                    for name, delta in update.items()
+                    if delta.is_floating_point()
+                }
+            )
+            for update in updates
+        ]
+        self.round_tau_c = statistics.median(distances)
 
     def center(self) -> Mapping[str, torch.Tensor] | None:
         return self.previous_update

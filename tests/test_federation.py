@@ -43,7 +43,15 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 LAM = 0.3
 T = 3
-BASE = {"num-tasks": T, "local-steps": 8, "lr": 0.05}
+BASE = {
+    "experiment": "single",
+    "task-suite": "toy",
+    "optimizer": "sgd",
+    "preset": "none",
+    "num-tasks": T,
+    "local-steps": 8,
+    "lr": 0.05,
+}
 
 
 def config(**values: object) -> RunConfig:
@@ -147,7 +155,9 @@ def test_bad_run_config_is_a_one_line_config_error(values, message):
 def test_run_config_reads_toml_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
-        '[tool.flwr.app.config]\nstrategy = "fednova"\nnum-rounds = 3\nlr = "log:0.01:0.1"\n'
+        '[tool.flwr.app.config]\nexperiment = "single"\npreset = "none"\nstrategy = "fednova"\n'
+        "num-rounds = 3\n"
+        'lr = "log:0.01:0.1"\n'
     )
     cfg = RunConfig.from_sources(path, ["num-rounds=5", "a-norm=steps", "tau-c=inf"])
     assert (cfg.strategy, cfg.num_rounds, cfg.a_norm, cfg.tau_c) == (

@@ -153,7 +153,9 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 @pytest.mark.slow
 def test_flwr_run_task_arithmetic_equals_theta0_plus_lambda_sum_of_task_vectors(tmp_path, flwr_env):
     results_dir = (tmp_path / "run").resolve()  # absolute: the ServerApp runs elsewhere
-    run_config = f'strategy="task_arithmetic" lambda={LAM} num-tasks={T} num-rounds=1 '
+    run_config = 'experiment="single" task-suite="toy" optimizer="sgd" preset="none" '
+    run_config += "lr=0.05 local-steps=8 "
+    run_config += f'strategy="task_arithmetic" lambda={LAM} num-tasks={T} num-rounds=1 '
     run_config += f'results-dir="{results_dir}"'
     federation_config = (
         f"num-supernodes={T} client-resources-num-cpus=1 client-resources-num-gpus=0.0"

@@ -1,0 +1,223 @@
+"""The compare experiment: every rule, one-shot and multi-round, on one federation.
+
+``experiment = "compare"`` (the default of ``fl-sim run``) expands one RunConfig into runs that
+share the federation, the clients and their knobs:
+
+- one-shot, per rule: one round from θ₀ with ``local-steps`` steps; β is picked on the VAL split
+  from ``compare-beta-grid`` (task_arithmetic searches λ = β/T, so θ = θ₀ + λ Σ_t τ_t). Every
+  client fine-tunes once: the update cache answers the other rules (fine-tune once, merge many);
+- multi-round, per rule: ``multi-rounds`` rounds of ``local-steps / multi-rounds`` steps (the
+  same total), β = ``multi-round-server-lr``.
+
+cclip without a ``tau-c`` uses ``tau-c-auto`` (τ_c = the round's median ‖Δ_t − v₀‖₂). Then
+``write_experiment`` gathers the runs into ``experiment.json``/``experiment.csv``, the table that
+``fl-sim run`` prints, and PNG plots. Test accuracy is reported only for models chosen on val.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from fl_sim import plots
+from fl_sim.run_config import RunConfig
+
+ONE_SHOT, MULTI_ROUND = "one-shot", "multi-round"
+
+
+def expand_experiment(config: RunConfig) -> list[RunConfig]:
+    """The runs of ``config``: itself for ``single``, the compare grid for ``compare``."""
+    if config.experiment == "single":
+        return [config]
+    root = Path(config.results_dir)
+    grid = [float(b) for b in config.compare_beta_grid.split(",") if b.strip()]
+    runs: list[RunConfig] = []
+    for rule in config.rule_names():
+        one_shot = replace(
+            config,
+            experiment="single",
+            strategy=rule,
+            num_rounds=1,
+            results_dir=str(root / ONE_SHOT / rule),
+            tau_c_auto=config.tau_c_auto or (rule == "cclip" and config.tau_c == 0),
+        )
+        if rule == "task_arithmetic":
+            lambdas = ",".join(f"{b / config.num_tasks:.6g}" for b in grid)
+            one_shot = replace(one_shot, lambda_grid=lambdas, server_lr_grid="")
+        else:
+            one_shot = replace(one_shot, server_lr_grid=",".join(f"{b:g}" for b in grid))
+        runs.append(RunConfig.from_mapping(one_shot.to_mapping()))  # validated as a whole
+    if config.multi_rounds > 0:
+        steps = _steps_per_round(config)
+        for rule in config.rule_names():
+            multi = replace(
+                config,
+                experiment="single",
+                strategy="fedavg" if rule == "task_arithmetic" else rule,
+                num_rounds=config.multi_rounds,
+                local_steps=steps,
+                server_lr=config.multi_round_server_lr,
+                results_dir=str(root / MULTI_ROUND / rule),
+                tau_c_auto=config.tau_c_auto or (rule == "cclip" and config.tau_c == 0),
+            )
+            if rule == "task_arithmetic":  # multi-round TA is FedAvg with p_t = 1/T
+                multi = replace(multi, strategy="task_arithmetic")
+                multi = replace(multi, lam=config.multi_round_server_lr / config.num_tasks)
+            runs.append(RunConfig.from_mapping(multi.to_mapping()))
+    return runs
+
+
+def _steps_per_round(config: RunConfig) -> int | str:
+    """local-steps / R per client (at least 1), keeping lists and ranges per client."""
+    from clients.knobs import per_client
+
+    steps = per_client("local-steps", config.local_steps, config.num_tasks, int)
+    per_round = [max(1, round(k / config.multi_rounds)) for k in steps]
+    if config.preset != "none":  # a preset spreads one base value: give it the base / R
+        return max(1, round(int(config.local_steps) / config.multi_rounds))
+    return ",".join(str(k) for k in per_round) if len(set(per_round)) > 1 else per_round[0]
+
+
+def summarize(config: RunConfig, results: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """One row per (rule, one-shot/multi-round) with test figures of val-chosen models."""
+    rows: list[dict[str, object]] = []
+    for run in results:
+        run_config = run["config"]
+        folder = Path(str(run_config["results-dir"]))
+        mode = folder.parent.name
+        rule = folder.name
+        final = run["rounds"][-1]
+        test = run.get("selected_test") or final["splits"]["test"]
+        training = next((r["training"] for r in run["rounds"] if "training" in r), {})
+        diagnostics = run.get("diagnostics") or {}
+        rows.append(
+            {
+                "rule": rule,
+                "mode": mode,
+                "rounds": run_config["num-rounds"],
+                "beta": run.get("selected_beta", training.get("server_lr")),
+                "lambda": run.get("selected_lambda"),
+                "test_mean_accuracy": test["mean_accuracy"],
+                "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
+                "test_accuracy": [t["accuracy"] for t in test["tasks"]],
+                "test_normalized_accuracy": [t["normalized_accuracy"] for t in test["tasks"]],
+                "chi_square": training.get("chi_square"),
+                "zeta_square_ratio_theta0": (diagnostics.get("round_0") or {}).get("ratio"),
+                "zeta_square_ratio_final": (diagnostics.get("final") or {}).get("ratio"),
+                "trained_clients": (run.get("update_cache") or {}).get("trained"),
+                "seconds": run["timings"]["total_seconds"],
+            }
+        )
+    first = results[0]
+    return {
+        "experiment": "compare",
+        "config": config.to_mapping(),
+        "tasks": first["tasks"],
+        "theta0_test_accuracy": first["rounds"][0]["splits"]["test"]["mean_accuracy"],
+        "finetuned_test_accuracy": [
+            v["accuracy"]
+            for _, v in sorted(first["finetuned_splits"]["test"].items(), key=lambda kv: int(kv[0]))
+        ],
+        "rows": rows,
+    }
+
+
+def write_experiment(
+    config: RunConfig, results: Sequence[Mapping[str, object]]
+) -> dict[str, object]:
+    """experiment.json, experiment.csv and the plots in ``results-dir``; returns the summary."""
+    from fl_sim.server_app import write_atomically
+
+    root = Path(config.results_dir)
+    summary = summarize(config, results)
+    summary["plots"] = [str(p.relative_to(root)) for p in draw_plots(root, summary, results)]
+    write_atomically(root / "experiment.json", json.dumps(summary, indent=2))
+    buffer = io.StringIO()
+    fields = [k for k in summary["rows"][0] if not isinstance(summary["rows"][0][k], list)]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary["rows"])
+    write_atomically(root / "experiment.csv", buffer.getvalue())
+    return summary
+
+
+def draw_plots(
+    root: Path, summary: Mapping[str, object], results: Sequence[Mapping[str, object]]
+) -> list[Path]:
+    folder = root / "plots"
+    tasks = list(summary["tasks"])
+    rows = summary["rows"]
+    written = []
+    for mode in (ONE_SHOT, MULTI_ROUND):
+        per_rule = {r["rule"]: r["test_normalized_accuracy"] for r in rows if r["mode"] == mode}
+        if per_rule:
+            written.append(
+                plots.normalized_accuracy_per_task(
+                    folder / f"normalized_accuracy_{mode}.png",
+                    tasks,
+                    per_rule,
+                    f"{mode}: merged / own fine-tuned accuracy per task (test)",
+                )
+            )
+    by_rule_rounds = {}
+    searches, selected = {}, {}
+    for run in results:
+        folder_name = Path(str(run["config"]["results-dir"]))
+        rule, mode = folder_name.name, folder_name.parent.name
+        if mode == MULTI_ROUND:
+            by_rule_rounds[rule] = [
+                (r["round"], r["splits"]["test"]["mean_accuracy"]) for r in run["rounds"]
+            ]
+        if run.get("beta_search"):
+            searches[rule] = [
+                (s["beta"], s["val_mean_normalized_accuracy"]) for s in run["beta_search"]
+            ]
+            selected[rule] = run["selected_beta"]
+    if by_rule_rounds:
+        written.append(
+            plots.accuracy_vs_rounds(
+                folder / "accuracy_vs_rounds.png", by_rule_rounds, "multi-round: accuracy per round"
+            )
+        )
+    if searches:
+        written.append(
+            plots.accuracy_vs_beta(
+                folder / "accuracy_vs_beta.png", searches, selected, "one-shot: β search on val"
+            )
+        )
+    first = next((r for r in results if any("training" in x for x in r["rounds"])), None)
+    if first is not None:
+        training = next(x["training"] for x in first["rounds"] if "training" in x)
+        written.append(
+            plots.effective_weights(
+                folder / "effective_weights.png",
+                tasks,
+                training["weights"],
+                training["effective_weights"],
+                f"training heterogeneity: χ²(p‖w) = {training['chi_square']:.3f}",
+            )
+        )
+    return written
+
+
+def table(summary: Mapping[str, object]) -> str:
+    """The printed table: rule × one-shot/multi-round."""
+    lines = [
+        f"θ₀ mean test accuracy {summary['theta0_test_accuracy']:.3f}; own fine-tuned "
+        f"{sum(summary['finetuned_test_accuracy']) / len(summary['finetuned_test_accuracy']):.3f}",
+        f"{'rule':<16}{'mode':<13}{'β':>7}{'test acc':>10}{'normalized':>12}{'χ²(p‖w)':>10}",
+    ]
+    for row in summary["rows"]:
+        beta = "-" if row["beta"] is None else f"{row['beta']:.3g}"
+        normalized = row["test_mean_normalized_accuracy"]
+        chi = row["chi_square"]
+        lines.append(
+            f"{row['rule']:<16}{row['mode']:<13}{beta:>7}{row['test_mean_accuracy']:>10.3f}"
+            f"{'-' if normalized is None else f'{normalized:.3f}':>12}"
+            f"{'-' if chi is None else f'{chi:.3f}':>10}"
+        )
+    return "\n".join(lines)

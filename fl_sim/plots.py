@@ -1,0 +1,110 @@
+"""PNG plots of an experiment's results (matplotlib, no display needed).
+
+Each function takes plain numbers — what results.json holds — and writes one PNG atomically,
+so a plot can be redrawn from a results file without re-running anything.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png"
+    try:
+        figure.savefig(temp, dpi=120, bbox_inches="tight")
+        os.replace(temp, path)
+    finally:
+        plt.close(figure)
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def normalized_accuracy_per_task(
+    path: Path,
+    tasks: Sequence[str],
+    per_rule: Mapping[str, Sequence[float]],
+    title: str,
+) -> Path:
+    """Grouped bars: normalized accuracy (merged / own fine-tuned) per task, one bar per rule."""
+    figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(tasks)), 4.2))
+    width = 0.8 / max(len(per_rule), 1)
+    for i, (rule, values) in enumerate(per_rule.items()):
+        positions = [t + (i - (len(per_rule) - 1) / 2) * width for t in range(len(tasks))]
+        axis.bar(positions, values, width, label=rule)
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axis.set_xticks(range(len(tasks)), tasks, rotation=25, ha="right")
+    axis.set_ylabel("normalized accuracy (test)")
+    axis.set_title(title)
+    axis.legend(ncol=min(len(per_rule), 6), fontsize=8, loc="lower left")
+    return _save(figure, path)
+
+
+def accuracy_vs_rounds(
+    path: Path, per_rule: Mapping[str, Sequence[tuple[int, float]]], title: str
+) -> Path:
+    """Mean test accuracy after each round, one line per rule (round 0 = θ₀)."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for rule, points in per_rule.items():
+        rounds, values = zip(*points, strict=True) if points else ((), ())
+        axis.plot(rounds, values, marker="o", label=rule)
+    axis.set_xlabel("round")
+    axis.set_ylabel("mean accuracy over tasks (test)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def accuracy_vs_beta(
+    path: Path,
+    per_rule: Mapping[str, Sequence[tuple[float, float]]],
+    selected: Mapping[str, float],
+    title: str,
+) -> Path:
+    """Validation accuracy against the server step β, one line per rule; the pick is marked."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for rule, points in per_rule.items():
+        betas, values = zip(*points, strict=True) if points else ((), ())
+        (line,) = axis.plot(betas, values, marker=".", label=rule)
+        if rule in selected:
+            best = dict(points).get(selected[rule])
+            if best is not None:
+                axis.plot(
+                    [selected[rule]], [best], marker="*", markersize=14, color=line.get_color()
+                )
+    axis.set_xlabel("server step β")
+    axis.set_ylabel("mean normalized accuracy (validation)")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def effective_weights(
+    path: Path,
+    tasks: Sequence[str],
+    weights: Sequence[float],
+    effective: Sequence[float],
+    title: str,
+) -> Path:
+    """p_t (what we meant to optimise) against w_t (what FedAvg / Task Arithmetic optimises)."""
+    figure, axis = plt.subplots(figsize=(max(6.5, 1.0 * len(tasks)), 4.0))
+    positions = range(len(tasks))
+    axis.bar([x - 0.2 for x in positions], weights, 0.4, label="p_t (client weight)")
+    axis.bar([x + 0.2 for x in positions], effective, 0.4, label="w_t (effective weight)")
+    axis.set_xticks(list(positions), tasks, rotation=25, ha="right")
+    axis.set_ylabel("weight")
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
