@@ -24,6 +24,7 @@ from fl_sim.run_config import RunConfig, help_text
 FLOWER_ENVIRONMENT = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's FutureWarning; no GPUs asked
 }
 
 RUN_DESCRIPTION = """\
@@ -180,7 +181,7 @@ def simulate(
     flower_logger = logging.getLogger("flwr")
     level = flower_logger.level
     if not verbose:
-        flower_logger.setLevel(logging.WARNING)
+        flower_logger.setLevel(logging.ERROR)  # also run_simulation's deprecation notice
         init_args.setdefault("logging_level", logging.ERROR)
         init_args.setdefault("log_to_driver", False)
     try:
