@@ -165,7 +165,7 @@ class RuleStrategy(Strategy):
             INFO,
             "\t├── Rule: %s (β = %s, weighting = %s)",
             self.rule_name,
-            c.server_lr,
+            self.server_lr(len(self.node_tasks)),
             c.weighting,
         )
         log(
