@@ -9,11 +9,14 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
   a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
   loss-after, and cached (1 when Δ_t came from the update cache, clients/update_cache.py:
   ``update-cache`` and ``cache-dir`` in the ConfigRecord; off when the server sends none);
-- ``evaluate``: the loss and accuracy of the received model on its task's val or test split.
+- ``evaluate``: the loss and accuracy of the received model on its task's val or test split
+  (shared-head: the one task's).
 
 Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
 config once), so it runs the same under run_simulation, ``flwr run`` and deployment. The task
-suite is built once per process and cached. One torch thread per client: clients share cores.
+suite is built from the message's suite keys (``fl_sim.suite_config.build_suite``: suite, model,
+data paths, federated layers, mixing, shared head, Dirichlet split), once per process and
+config. One torch thread per client: clients share cores.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from clients.knobs import knobs_from_config
 from clients.update_cache import UpdateCache, cached_fine_tune
 from fl_sim.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
-from fl_sim.tasks import TaskSuite, evaluate, load_federated_state, make_suite
+from fl_sim.suite_config import ConfigValue, build_suite, complete
+from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
 
 app = ClientApp()
 
@@ -38,21 +42,18 @@ class InjectedClientFailure(RuntimeError):
 
 
 @cache
-def cached_suite(name: str, num_tasks: int, seed: int) -> TaskSuite:
+def cached_suite(suite_config: tuple[tuple[str, ConfigValue], ...]) -> TaskSuite:
     """The task suite, built once per process (a Ray actor serves many messages)."""
-    return make_suite(name, num_tasks=num_tasks, seed=seed)
+    return build_suite(dict(suite_config))
 
 
-SUITE_KEYS = ("task-suite", "num-tasks", "suite-seed")
+def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
+    """The suite keys of the message (fl_sim/suite_config.py), optional ones defaulted."""
+    return complete(config)
 
 
 def suite_from_config(config: ConfigRecord) -> TaskSuite:
-    for key in SUITE_KEYS:
-        if key not in config:
-            raise ConfigError(f"client config lacks {key!r} (the server must send it)")
-    return cached_suite(
-        str(config["task-suite"]), int(config["num-tasks"]), int(config["suite-seed"])
-    )
+    return cached_suite(tuple(suite_config_of(config).items()))
 
 
 def task_index_of(context: Context, suite: TaskSuite) -> int:
@@ -103,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     result, cached = cached_fine_tune(
         cache,
         suite,
-        {key: config[key] for key in SUITE_KEYS},
+        suite_config_of(config),
         t,
         global_state,
         knobs,
@@ -132,7 +133,8 @@ def evaluate_task(msg: Message, context: Context) -> Message:
     model = suite.build_model()
     load_federated_state(model, record_to_tensors(msg.content["arrays"]))
     split = str(config.get("eval-split", "val"))
-    loss, accuracy = evaluate(model, suite.tasks[t], split)
-    n = int(suite.tasks[t].split(split)[1].shape[0])
+    task = suite.eval_tasks[suite.eval_task_of(t)]
+    loss, accuracy = evaluate(model, task, split)
+    n = int(task.split(split)[1].shape[0])
     metrics = MetricRecord({"loss": loss, "accuracy": accuracy, "num-examples": n, "task-index": t})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -3,9 +3,20 @@
     for k = 0..K_t−1:   θ ← optimizer step on L_t(batch_k) with learning rate η_t⁽ᵏ⁾
 
 with the schedule's η_t⁽ᵏ⁾ (clients/schedules.py), the client's optimizer, and minibatches drawn
-without replacement from shuffled epochs of the training split by a torch.Generator seeded from
-(knobs.seed, round_index). Same inputs give a bit-identical Δ_t on the CPU (the caller fixes the
-number of torch threads). The heads are frozen; only the backbone moves.
+without replacement from shuffled epochs of the client's training set by a torch.Generator seeded
+from (knobs.seed, round_index). Same inputs give a bit-identical Δ_t on the CPU (the caller fixes
+the number of torch threads). The heads are frozen; only the backbone moves (and, with a shared
+head, that head: ``federated_parameters``).
+
+The training set is the suite's ``training_groups(t)``: groups (s, x, y) of task s's examples
+(only (t, train split) unless ``mixing`` > 0), N = Σ_g n_g examples in all, numbered 0..N−1 in
+group order. A batch is B indices drawn as above from 0..N−1, so each group's share of a batch
+is n_g/N in expectation (exactly, summed over an epoch), and its loss is
+
+    L(batch) = Σ_g (b_g / B) · mean CE of head s_g on the batch's b_g examples of group g
+
+i.e. the batch's mean cross-entropy, every example scored by its own task's head. With one
+group this is L_t(batch) itself, computed exactly as before the groups existed.
 """
 
 from __future__ import annotations
@@ -22,10 +33,11 @@ from clients.schedules import learning_rates
 from fl_sim.tasks import (
     MultiTaskModel,
     TaskSuite,
-    evaluate,
+    batch_loss,
+    federated_parameters,
     federated_state,
     load_federated_state,
-    task_loss,
+    training_loss,
 )
 
 
@@ -40,7 +52,7 @@ class LocalResult:
     a_norm_steps: float  # ‖a_t‖₁ with a-norm = "steps" (= K_t)
     a_norm_lr_sum: float  # ‖a_t‖₁ with a-norm = "lr-sum"
     a_norm_exact: bool  # False for AdamW (lr-sum is then an approximation)
-    loss_before: float  # L_t on the whole training split at θʳ
+    loss_before: float  # L_t on the whole training set at θʳ
     loss_after: float  # ... and at θ_t
 
     def metrics(self) -> dict[str, int | float | bool]:
@@ -95,28 +107,28 @@ def fine_tune(
 
     ``round_index`` is the round r, numbered from 1 as Flower's ``server_round`` (the reference
     loop numbers rounds the same way); it is mixed into the minibatch seed so rounds differ
-    reproducibly. ``full_batch`` uses the whole training split at every step.
+    reproducibly. ``full_batch`` uses the whole training set at every step.
     """
-    task = suite.tasks[task_index]
+    groups = suite.training_groups(task_index)
+    offsets = np.cumsum([0] + [group.size for group in groups])[:-1].tolist()
+    num_examples = sum(group.size for group in groups)
     model: MultiTaskModel = suite.build_model(suite.seed)
     load_federated_state(model, global_state)
     theta_r = federated_state(model)
     model.train()
-    train_x, train_y = task.split("train")
-    loss_before = evaluate(model, task, "train")[0]
+    loss_before = training_loss(model, groups)
 
     etas = learning_rates(knobs.schedule, knobs.lr, knobs.local_steps, knobs.warmup_steps)
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-    optimizer = make_optimizer(knobs, params)
+    optimizer = make_optimizer(knobs, federated_parameters(model))
     generator = torch.Generator().manual_seed(generator_seed(knobs.seed, round_index))
-    batch_size = task.num_train if full_batch else knobs.batch_size
-    batches = minibatches(task.num_train, batch_size, generator)
+    batch_size = num_examples if full_batch else knobs.batch_size
+    batches = minibatches(num_examples, batch_size, generator)
     for eta in etas:
         for group in optimizer.param_groups:
             group["lr"] = eta
         index = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        task_loss(model, task_index, train_x[index], train_y[index]).backward()
+        batch_loss(model, groups, offsets, index).backward()
         optimizer.step()
 
     theta_t = federated_state(model)
@@ -130,12 +142,12 @@ def fine_tune(
     lr_sum = a_norm_of("lr-sum", etas, knobs.optimizer, knobs.momentum)
     return LocalResult(
         update=update,
-        num_examples=task.num_train,
+        num_examples=num_examples,
         local_steps=knobs.local_steps,
         learning_rates=etas,
         a_norm_steps=float(knobs.local_steps),
         a_norm_lr_sum=lr_sum.value,
         a_norm_exact=lr_sum.exact,
         loss_before=loss_before,
-        loss_after=evaluate(model, task, "train")[0],
+        loss_after=training_loss(model, groups),
     )

@@ -97,6 +97,7 @@ def suite_identity(suite: TaskSuite) -> dict[str, object]:
 
 
 def _model_description(suite: TaskSuite) -> object:
+    suite = getattr(suite, "base_suite", suite)  # shared-head: the suite it splits a task of
     if suite.name == "digits":
         from fl_sim.vit_digits import pretrained
 
@@ -139,7 +140,10 @@ def key_material(
         "suite_seed": suite.seed,
         "model": {k: identity[k] for k in ("class", "model", "model_sha256")},
         "task": task_index,
-        "task_train_sha256": identity["train_sha256"][task_index],  # type: ignore[index]
+        # mixing > 0: the client also trains on (seeded subsets of) every other task's data
+        "task_train_sha256": identity["train_sha256"]
+        if suite.mixing > 0
+        else identity["train_sha256"][task_index],  # type: ignore[index]
         "knobs": knobs_to_config(knobs),
         "round": int(server_round),
         "full_batch": bool(full_batch),

@@ -9,10 +9,13 @@ pulls θ the same way; 1: the pulls cancel, ḡ = 0). ζ² is the bounded-dissim
 FedAvg's analyses (e.g. Wang et al. 2020, Woodworth et al. 2020), measured where the run starts
 (θ₀) and where it ends (the merged model).
 
-L_t is the mean cross-entropy of task t's head on a fixed batch: the first ``batch_size``
-examples of its training split, the model in eval mode (no dropout), so the figures are
-deterministic. Everything is computed from the Gram matrix G_ij = ⟨g_i, g_j⟩, accumulated in
-float64 tensor by tensor: ζ² = Σ_t p_t G_tt − pᵀGp for any weights p.
+L_t is client t's loss (clients/local_training.py: each example scored by its own task's
+head) on a fixed batch: the first ``batch_size`` examples of its training set, the model in
+eval mode (no dropout), so the figures are deterministic. With ``mixing`` > 0 the set has
+several groups and the batch takes the first ⌊batch_size·n_g/N⌋ examples of each group g (so
+mixing = 1 gives every client the same batch and ζ² = 0). Everything is computed from the Gram
+matrix G_ij = ⟨g_i, g_j⟩, accumulated in float64 tensor by tensor: ζ² = Σ_t p_t G_tt − pᵀGp
+for any weights p.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fl_sim.tasks import TaskSuite, load_federated_state, task_loss
+from fl_sim.tasks import (
+    TaskSuite,
+    TrainingGroup,
+    batch_loss,
+    federated_parameters,
+    load_federated_state,
+    task_loss,
+)
 
 
 def task_gradients(
@@ -31,11 +41,15 @@ def task_gradients(
     model = suite.build_model()
     load_federated_state(model, state)
     model.eval()
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    params = federated_parameters(model)
     gradients = []
-    for t, task in enumerate(suite.tasks):
-        x, y = task.train_x[:batch_size], task.train_y[:batch_size]
-        loss = task_loss(model, t, x, y)
+    for t in range(suite.num_tasks):
+        groups = suite.training_groups(t)
+        if len(groups) == 1:
+            x, y = groups[0].x[:batch_size], groups[0].y[:batch_size]
+            loss = task_loss(model, groups[0].task_index, x, y)
+        else:
+            loss = batch_loss(model, groups, *diagnostic_batch(groups, batch_size))
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         gradients.append(
             [
@@ -44,6 +58,21 @@ def task_gradients(
             ]
         )
     return gradients
+
+
+def diagnostic_batch(
+    groups: Sequence[TrainingGroup], batch_size: int
+) -> tuple[list[int], torch.Tensor]:
+    """(group offsets, batch indices in 0..N−1): the first ⌊batch_size·n_g/N⌋ of each group."""
+    sizes = [group.size for group in groups]
+    total = sum(sizes)
+    offsets, index, start = [], [], 0
+    for size in sizes:
+        take = size if total <= batch_size else (batch_size * size) // total
+        offsets.append(start)
+        index.append(torch.arange(start, start + take))
+        start += size
+    return offsets, torch.cat(index)
 
 
 def gradient_gram(gradients: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -84,7 +113,7 @@ def measure(
     gram = gradient_gram(task_gradients(suite, state, batch_size))
     return {
         **gradient_diversity(gram, weights),
-        "batch_size": [min(batch_size, task.num_train) for task in suite.tasks],
+        "batch_size": [min(batch_size, suite.num_examples(t)) for t in range(suite.num_tasks)],
     }
 
 

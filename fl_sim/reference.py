@@ -32,7 +32,8 @@ WEIGHTINGS = ("uniform", "examples")
 
 @dataclass
 class RoundRecord:
-    """The global model after round ``round`` (0: θ₀) on every task, and the clients' reports."""
+    """The global model after round ``round`` (0: θ₀) on every evaluation task (the clients'
+    tasks; shared-head: the one task), and the clients' reports."""
 
     round: int
     test_loss: list[float]
@@ -54,8 +55,8 @@ def evaluate_state(
 ) -> RoundRecord:
     model = suite.build_model()
     load_federated_state(model, state)
-    test = [evaluate(model, task, "test") for task in suite.tasks]
-    val = [evaluate(model, task, "val") for task in suite.tasks]
+    test = [evaluate(model, task, "test") for task in suite.eval_tasks]
+    val = [evaluate(model, task, "val") for task in suite.eval_tasks]
     return RoundRecord(
         round_index,
         [x[0] for x in test],

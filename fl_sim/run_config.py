@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 
 from clients.knobs import PRESETS, TrainingKnobs, client_knobs
 from fl_sim.errors import ConfigError
+from fl_sim.suite_config import check_suite_config
 from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
 
 WEIGHTINGS = ("uniform", "examples")
@@ -239,7 +240,80 @@ class RunConfig:
         metadata=_knob("task-suite", "the task suite (clients = tasks)", kind="str"),
     )
     num_tasks: int = field(
-        default=8, metadata=_knob("num-tasks", "T, tasks = clients in the suite", kind="int")
+        default=8,
+        metadata=_knob(
+            "num-tasks",
+            "T, tasks = clients in the suite (shared-head: the number of clients the one task "
+            "is split over)",
+            kind="int",
+        ),
+    )
+    model: str = field(
+        default="",
+        metadata=_knob(
+            "model",
+            "the pre-trained model: '' = the suite's default (digits: vit-digits; text, local: "
+            "minilm); vit-digits (digits), minilm, hf:PATH (a local Hugging Face folder; text, "
+            "local), clip:PATH (a local CLIP folder; local image tasks)",
+            kind="str",
+        ),
+    )
+    data_paths: str = field(
+        default="",
+        metadata=_knob(
+            "data-paths",
+            "task-suite=local only: comma list of CSV/JSONL files or folders, one per task "
+            "(absolute paths: clients resolve relative ones from their own working directory)",
+            kind="str",
+        ),
+    )
+    federated_layers: str = field(
+        default="",
+        metadata=_knob(
+            "federated-layers",
+            "text and local suites: the encoder part that is trained and merged: '' = the "
+            "suite's default (CLIP: all; others: the top 2 layers), an integer k (the top k "
+            "layers) or all",
+            kind="layers",
+        ),
+    )
+    mixing: float = field(
+        default=0.0,
+        metadata=_knob(
+            "mixing",
+            "data heterogeneity: every client also trains on this fraction (a fixed seeded "
+            "subset, the same for every client) of every other task's training data, each "
+            "example scored by its own task's head; 0 = fully heterogeneous, 1 = every client "
+            "trains on the union",
+            kind="float",
+        ),
+    )
+    shared_head: bool = field(
+        default=False,
+        metadata=_knob(
+            "shared-head",
+            "classic single-task FL: task dirichlet-task is split over num-tasks clients and "
+            "its head is trained and federated with the backbone; the global model is "
+            "evaluated on that task, normalised by the clients' mean own fine-tuned accuracy",
+            kind="bool",
+        ),
+    )
+    dirichlet_task: int = field(
+        default=0,
+        metadata=_knob(
+            "dirichlet-task",
+            "shared-head: the index of the task split over the clients",
+            kind="int",
+        ),
+    )
+    dirichlet_alpha: float = field(
+        default=0.0,
+        metadata=_knob(
+            "dirichlet-alpha",
+            "shared-head: label skew, per class Dirichlet(α) shares over the clients (small α: "
+            "few classes per client); 0 = an IID equal split",
+            kind="float",
+        ),
     )
     results_dir: str = field(
         default="results",
@@ -392,6 +466,13 @@ class RunConfig:
             "task-suite": self.task_suite,
             "num-tasks": self.num_tasks,
             "suite-seed": self.seed,
+            "model": self.model,
+            "data-paths": self.data_paths,
+            "federated-layers": self.federated_layers,
+            "mixing": self.mixing,
+            "shared-head": self.shared_head,
+            "dirichlet-task": self.dirichlet_task,
+            "dirichlet-alpha": self.dirichlet_alpha,
         }
 
     # -- validation ------------------------------------------------------------------------------
@@ -472,6 +553,7 @@ class RunConfig:
                 f"fail-client must be a task index < num-tasks = {self.num_tasks} or -1, "
                 f"got {self.fail_client}"
             )
+        check_suite_config(self.suite_config())
         self.client_knobs()  # lists, ranges and presets are checked here, once
 
     def _validate_search(self) -> None:
@@ -539,6 +621,10 @@ def _coerce(key: str, kind: str, value: object) -> object:
         if not isinstance(value, str):
             raise ConfigError(f'{key} must be a string, got {value!r} (set {key}="...")')
         return value
+    if kind == "layers":  # federated-layers: '', all, or an integer (kept as its string)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f'{key} must be an integer or "all", got {value!r} (set {key}=2)')
+        return str(value)
     if kind == "grid":  # a comma list of numbers, kept as its string; one number is a grid of one
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(

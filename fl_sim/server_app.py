@@ -5,7 +5,9 @@ node for its partition id (node → task t), runs the strategy of ``strategy`` f
 and evaluates the global model on every task after every round (server side, with the suite;
 round 0 is θ₀), on the val and the test split. Normalised accuracy is acc_t(θʳ) / acc_t(θ₀ + Δ_t)
 on the same split: θ₀ + Δ_t is the client's own model after round 1 (its fine-tuned model: a
-one-shot run's task-vector checkpoint) on its own task.
+one-shot run's task-vector checkpoint) on its own task. With ``shared-head`` (one task split
+over the clients) the global model is evaluated on that one task and normalised by the mean
+over clients of acc(θ₀ + Δ_c) on it (results.json also keeps each client's figure).
 
 With ``server-lr-grid`` / ``lambda-grid`` (one-shot runs) round 1 computes A once and keeps the
 β whose θ₀ + β·A has the best mean normalised VAL accuracy; the test split only reports it.
@@ -47,7 +49,8 @@ from fl_sim.diagnostics import gradient_diversity, gradient_gram, task_gradients
 from fl_sim.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.run_config import RunConfig
 from fl_sim.safetensors_io import save_tensors
-from fl_sim.tasks import TaskSuite, evaluate, load_federated_state, make_suite
+from fl_sim.suite_config import build_suite
+from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
 from strategies.flower_strategy import FederationError, RuleStrategy, make_strategy
 from strategies.rule import client_weights
 from strategies.server_step import ServerLrCandidate, server_step
@@ -140,7 +143,9 @@ class RunRecorder:
         self.model = suite.build_model()
         self.out = Path(config.results_dir)
         self.evaluations: dict[int, dict[str, list[dict[str, float]]]] = {}  # round → split → t
+        # eval task → the mean over its clients of θ₀ + Δ_t's figures; and per client
         self.finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
+        self.client_finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
         self.client_files: list[str] = []
         self.round_seconds: dict[int, float] = {}
         self.evaluation_seconds: dict[int, float] = {}
@@ -151,12 +156,12 @@ class RunRecorder:
         self._last = time.perf_counter()
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
-        """Every task's loss and accuracy at ``state``, on each of SPLITS."""
+        """Every evaluation task's loss and accuracy at ``state``, on each of SPLITS."""
         load_federated_state(self.model, state)
         return {
             split: [
                 dict(zip(("loss", "accuracy"), evaluate(self.model, task, split), strict=True))
-                for task in self.suite.tasks
+                for task in self.suite.eval_tasks
             ]
             for split in SPLITS
         }
@@ -181,7 +186,8 @@ class RunRecorder:
     def client_updates(
         self, server_round: int, updates: dict[int, dict[str, torch.Tensor]]
     ) -> None:
-        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits)."""
+        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits);
+        an evaluation task's fine-tuned figures are the mean over its clients'."""
         if server_round != 1:
             return
         folder = self.out / "clients"
@@ -194,9 +200,18 @@ class RunRecorder:
             save_tensors(folder / f"client_{t}.safetensors", theta_t)
             self.client_files.append(f"clients/client_{t}.safetensors")
             load_federated_state(self.model, theta_t)
+            task = self.suite.eval_tasks[self.suite.eval_task_of(t)]
             for split in SPLITS:
-                loss, accuracy = evaluate(self.model, self.suite.tasks[t], split)
-                self.finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
+                loss, accuracy = evaluate(self.model, task, split)
+                self.client_finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
+        for split in SPLITS:
+            by_task: dict[int, list[dict[str, float]]] = {}
+            for t, figures in sorted(self.client_finetuned[split].items()):
+                by_task.setdefault(self.suite.eval_task_of(t), []).append(figures)
+            self.finetuned[split] = {
+                e: {k: sum(f[k] for f in rows) / len(rows) for k in ("loss", "accuracy")}
+                for e, rows in by_task.items()
+            }
 
     def select_server_lr(
         self,
@@ -237,7 +252,7 @@ class RunRecorder:
 
     def split_summary(self, rows: list[dict[str, float]], split: str) -> dict[str, object]:
         """Per-task and mean loss, accuracy and normalised accuracy on ``split``."""
-        names = [task.name for task in self.suite.tasks]
+        names = [task.name for task in self.suite.eval_tasks]
         tasks = [
             {
                 "task": t,
@@ -267,7 +282,7 @@ class RunRecorder:
 
     def client_weights(self) -> list[float]:
         """p_t of every task (uniform, or ∝ n_t with weighting = examples)."""
-        sizes = [task.num_train for task in self.suite.tasks]
+        sizes = [self.suite.num_examples(t) for t in range(self.suite.num_tasks)]
         given = sizes if self.config.weighting == "examples" else None
         return client_weights(len(sizes), given).tolist()
 
@@ -279,7 +294,7 @@ class RunRecorder:
         error: str | None,
         total_seconds: float,
     ) -> dict[str, object]:
-        names = [task.name for task in self.suite.tasks]
+        names = [task.name for task in self.suite.eval_tasks]
         headline = self.config.eval_split
         rounds = []
         train_rounds = {record.round: record for record in strategy.rounds}
@@ -330,10 +345,15 @@ class RunRecorder:
             "eval_split": headline,
             "splits": list(SPLITS),
             "tasks": names,
-            "num_examples": [task.num_train for task in self.suite.tasks],
+            "clients": [task.name for task in self.suite.tasks],
+            "num_examples": [self.suite.num_examples(t) for t in range(self.suite.num_tasks)],
             "finetuned": {str(t): v for t, v in sorted(self.finetuned[headline].items())},
             "finetuned_splits": {
                 split: {str(t): v for t, v in sorted(self.finetuned[split].items())}
+                for split in SPLITS
+            },
+            "finetuned_clients": {
+                split: {str(t): v for t, v in sorted(self.client_finetuned[split].items())}
                 for split in SPLITS
             },
             "rounds": rounds,
@@ -377,7 +397,7 @@ class RunRecorder:
                         {
                             "round": r,
                             "task": t,
-                            "name": self.suite.tasks[t].name,
+                            "name": self.suite.eval_tasks[t].name,
                             "split": split,
                             "loss": row["loss"],
                             "accuracy": row["accuracy"],
@@ -404,7 +424,9 @@ def gradient_diversity_at(
         _GRAMS[key] = gradient_gram(task_gradients(suite, state, config.diagnostic_batch))
     return {
         **gradient_diversity(_GRAMS[key], weights),
-        "batch_size": [min(config.diagnostic_batch, task.num_train) for task in suite.tasks],
+        "batch_size": [
+            min(config.diagnostic_batch, suite.num_examples(t)) for t in range(suite.num_tasks)
+        ],
     }
 
 
@@ -413,7 +435,7 @@ def run_federation(
 ) -> dict[str, object]:
     """The whole run (module docstring); returns what it wrote to results.json."""
     start = time.perf_counter()
-    suite = make_suite(config.task_suite, num_tasks=config.num_tasks, seed=config.seed)
+    suite = build_suite(config.suite_config())
     theta0 = suite.initial_state()
     out = Path(config.results_dir)
     out.mkdir(parents=True, exist_ok=True)

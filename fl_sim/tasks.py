@@ -26,6 +26,7 @@ from fl_sim.errors import CheckpointError, ConfigError
 
 SPLITS = ("train", "val", "test")
 FEDERATED_PREFIX = "backbone."
+SHARED_HEAD_PREFIX = "heads.0."
 
 
 @dataclass
@@ -52,8 +53,25 @@ class TaskData:
         return int(self.train_y.shape[0])
 
 
+@dataclass
+class TrainingGroup:
+    """Part of a client's training set: examples (x, y) of task ``task_index``, scored by its
+    task's head."""
+
+    task_index: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.y.shape[0])
+
+
 class MultiTaskModel(nn.Module):
-    """``head_t(backbone(x))``: a federated ``backbone`` and frozen per-task ``heads``."""
+    """``head_t(backbone(x))``: a federated ``backbone`` and frozen per-task ``heads``.
+
+    After ``use_shared_head`` there is one head, trainable and federated, for every task name.
+    """
 
     def __init__(
         self, backbone: nn.Module, heads: Sequence[nn.Module], task_names: Sequence[str]
@@ -65,39 +83,70 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.heads.requires_grad_(False)
         self.task_names = list(task_names)
+        self.shared_head = False
+
+    def use_shared_head(self, head_index: int, task_names: Sequence[str]) -> None:
+        """Keep head ``head_index`` alone, trainable and federated, for all of ``task_names``."""
+        head = self.heads[head_index]
+        head.requires_grad_(True)
+        self.heads = nn.ModuleList([head])
+        self.task_names = list(task_names)
+        self.shared_head = True
 
     def forward(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
-        return self.heads[task_index](self.backbone(x))
+        return self.heads[0 if self.shared_head else task_index](self.backbone(x))
 
     def task_index(self, name: str) -> int:
         if name not in self.task_names:
             raise ConfigError(f"unknown task {name!r}; this model has {', '.join(self.task_names)}")
-        return self.task_names.index(name)
+        return 0 if self.shared_head else self.task_names.index(name)
+
+    def federated_modules(self) -> dict[str, nn.Module]:
+        """prefix → module of what is trained and merged: the backbone (and a shared head)."""
+        modules: dict[str, nn.Module] = {FEDERATED_PREFIX: self.backbone}
+        if self.shared_head:
+            modules[SHARED_HEAD_PREFIX] = self.heads[0]
+        return modules
+
+
+def federated_parameters(model: MultiTaskModel) -> list[nn.Parameter]:
+    """The parameters local training moves: the federated modules' trainable ones."""
+    return [
+        p
+        for module in model.federated_modules().values()
+        for p in module.parameters()
+        if p.requires_grad
+    ]
+
+
+def _federated_tensors(model: MultiTaskModel) -> dict[str, torch.Tensor]:
+    return {
+        prefix + name: tensor
+        for prefix, module in model.federated_modules().items()
+        for name, tensor in module.state_dict().items()
+    }
 
 
 def federated_state(model: MultiTaskModel) -> dict[str, torch.Tensor]:
-    """The backbone's parameters and buffers, keyed ``backbone.<name>``, detached copies."""
-    return {
-        FEDERATED_PREFIX + name: tensor.detach().clone()
-        for name, tensor in model.backbone.state_dict().items()
-    }
+    """The backbone's parameters and buffers, keyed ``backbone.<name>`` (and a shared head's,
+    keyed ``heads.0.<name>``), detached copies."""
+    return {name: tensor.detach().clone() for name, tensor in _federated_tensors(model).items()}
 
 
 def load_federated_state(model: MultiTaskModel, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` (keys as ``federated_state`` gives them) into the model's backbone."""
-    own = model.backbone.state_dict()
-    expected = {FEDERATED_PREFIX + name for name in own}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    own = _federated_tensors(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
             f"federated state does not fit the backbone: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]} (build both from the same suite)"
         )
     for name, tensor in own.items():
-        value = state[FEDERATED_PREFIX + name]
+        value = state[name]
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"federated tensor {FEDERATED_PREFIX + name!r} has shape {tuple(value.shape)}, "
+                f"federated tensor {name!r} has shape {tuple(value.shape)}, "
                 f"the backbone needs {tuple(tensor.shape)} (build both from the same suite)"
             )
         with torch.no_grad():
@@ -111,12 +160,10 @@ def task_loss(
     return F.cross_entropy(model(x, task_index), y)
 
 
-def evaluate(
-    model: MultiTaskModel, task: TaskData, split: str = "test", batch_size: int = 4096
-) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``task``'s ``split``, in batches, without grad."""
-    x, y = task.split(split)
-    index = model.task_index(task.name)
+def _loss_sums(
+    model: MultiTaskModel, index: int, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[float, int]:
+    """(Σ cross-entropy, number correct) of head ``index`` on (x, y), eval mode, without grad."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -127,8 +174,48 @@ def evaluate(
             total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(dim=1) == target).sum())
     model.train(was_training)
+    return total_loss, correct
+
+
+def evaluate(
+    model: MultiTaskModel, task: TaskData, split: str = "test", batch_size: int = 4096
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``task``'s ``split``, in batches, without grad."""
+    x, y = task.split(split)
+    total_loss, correct = _loss_sums(model, model.task_index(task.name), x, y, batch_size)
     n = max(int(y.shape[0]), 1)
     return total_loss / n, correct / n
+
+
+def training_loss(
+    model: MultiTaskModel, groups: Sequence[TrainingGroup], batch_size: int = 4096
+) -> float:
+    """The mean cross-entropy over every example of ``groups``, each scored by its task's head."""
+    total = 0.0
+    for group in groups:
+        total += _loss_sums(model, group.task_index, group.x, group.y, batch_size)[0]
+    return total / max(sum(group.size for group in groups), 1)
+
+
+def batch_loss(
+    model: MultiTaskModel,
+    groups: Sequence[TrainingGroup],
+    offsets: Sequence[int],
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_g (b_g/B) · L_{s_g}: the mean CE of the batch ``index`` of the groups' examples, numbered
+    0..N−1 in group order (group g starts at ``offsets[g]``), each scored by its task's head;
+    one group: exactly ``task_loss``."""
+    if len(groups) == 1:
+        group = groups[0]
+        return task_loss(model, group.task_index, group.x[index], group.y[index])
+    loss = torch.zeros(())
+    for group, start in zip(groups, offsets, strict=True):
+        mine = index[(index >= start) & (index < start + group.size)] - start
+        if len(mine):
+            share = len(mine) / len(index)
+            loss = loss + share * task_loss(model, group.task_index, group.x[mine], group.y[mine])
+    return loss
 
 
 class TaskSuite(ABC):
@@ -136,6 +223,7 @@ class TaskSuite(ABC):
 
     name: str = ""
     seed: int = 0
+    mixing: float = 0.0  # the share of every other task's training data a client also sees
     tasks: list[TaskData]
 
     @abstractmethod
@@ -144,7 +232,38 @@ class TaskSuite(ABC):
 
     @property
     def num_tasks(self) -> int:
+        """T: the number of tasks, one per client."""
         return len(self.tasks)
+
+    @property
+    def eval_tasks(self) -> list[TaskData]:
+        """The tasks the global model is evaluated on (the clients' own; shared-head: one)."""
+        return self.tasks
+
+    def eval_task_of(self, client: int) -> int:
+        """The index in ``eval_tasks`` of client ``client``'s task."""
+        return client
+
+    def training_groups(self, client: int) -> list[TrainingGroup]:
+        """Client ``client``'s training set, in task order (module docstring: ``mixing``)."""
+        if self.mixing == 0.0:
+            task = self.tasks[client]
+            return [TrainingGroup(client, task.train_x, task.train_y)]
+        from fl_sim.partition import mixing_subset
+
+        groups = []
+        for s, task in enumerate(self.tasks):
+            if s == client:
+                groups.append(TrainingGroup(s, task.train_x, task.train_y))
+                continue
+            index = mixing_subset(task.num_train, self.mixing, self.seed, s)
+            if len(index):
+                groups.append(TrainingGroup(s, task.train_x[index], task.train_y[index]))
+        return groups
+
+    def num_examples(self, client: int) -> int:
+        """n_t: the size of client ``client``'s whole training set (``weighting = "examples"``)."""
+        return sum(group.size for group in self.training_groups(client))
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """θ₀ as a federated state: what the server starts round 1 from."""
@@ -286,12 +405,23 @@ SUITES: dict[str, Callable[..., TaskSuite]] = {
 }
 
 
-def make_suite(name: str, **kwargs: object) -> TaskSuite:
+def make_suite(name: str, *, mixing: float = 0.0, **kwargs: object) -> TaskSuite:
     """The suite registered as ``name`` ("toy", "digits", "text", "local"), built with ``kwargs``.
 
     The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
     folder; see fl_sim/pretrained_encoders.py); local takes ``paths=[one per task]``.
+    ``mixing`` shares that fraction of every task's training data with every client (module
+    docstring). From a run config's keys: ``fl_sim.suite_config.build_suite``.
     """
     if name not in SUITES:
         raise ConfigError(f"unknown task suite {name!r}; choose one of {', '.join(SUITES)}")
-    return SUITES[name](**kwargs)
+    suite = SUITES[name](**kwargs)
+    suite.mixing = check_mixing(mixing)
+    return suite
+
+
+def check_mixing(mixing: object) -> float:
+    """``mixing`` as a float in [0, 1], or a one-line ConfigError."""
+    if isinstance(mixing, bool) or not isinstance(mixing, (int, float)) or not 0 <= mixing <= 1:
+        raise ConfigError(f"mixing must be a number in [0, 1], got {mixing!r} (set mixing=0)")
+    return float(mixing)

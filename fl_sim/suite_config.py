@@ -1,0 +1,184 @@
+"""The task suite as run-config keys: what every party needs to build the identical suite.
+
+The ServerApp puts ``RunConfig.suite_config()`` (the keys of ``SUITE_DEFAULTS``, kebab-case) into
+every message's ConfigRecord; the ServerApp and every client call ``build_suite`` on it, and the
+update cache puts it in its key, so all of them train and evaluate the same tasks, data split
+and model:
+
+    task-suite        toy | digits | text | local
+    num-tasks         T, one client per task (shared-head: the number of clients C)
+    suite-seed        θ₀ and the data splits
+    model             '' = the suite's default; vit-digits (digits); minilm, hf:PATH (text,
+                      local); clip:PATH (local images)
+    data-paths        local only: comma list of files/folders, one task each
+    federated-layers  text/local: '' = the suite's default, an integer k (the top k layers) or all
+    mixing            m ∈ [0, 1]: the share of every other task's training data each client also
+                      trains on (fl_sim/tasks.py)
+    shared-head       classic single-task FL (fl_sim/shared_head_suite.py)
+    dirichlet-task    shared-head: the task that is split over the clients
+    dirichlet-alpha   shared-head: α of the Dirichlet label skew; 0 = IID equal split
+
+``check_suite_config`` gives the one-line errors for bad values and combinations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from fl_sim.errors import ConfigError
+from fl_sim.tasks import SUITES, TaskSuite, check_mixing, make_suite
+
+ConfigValue = bool | int | float | str
+
+SUITE_DEFAULTS: dict[str, ConfigValue] = {
+    "task-suite": "digits",
+    "num-tasks": 8,
+    "suite-seed": 0,
+    "model": "",
+    "data-paths": "",
+    "federated-layers": "",
+    "mixing": 0.0,
+    "shared-head": False,
+    "dirichlet-task": 0,
+    "dirichlet-alpha": 0.0,
+}
+SUITE_KEYS = tuple(SUITE_DEFAULTS)
+REQUIRED_KEYS = ("task-suite", "num-tasks", "suite-seed")
+SUITE_MODELS = {  # model specs each suite takes ('' = its default); prefixes end with ':'
+    "toy": ("",),
+    "digits": ("", "vit-digits"),
+    "text": ("", "minilm", "hf:"),
+    "local": ("", "minilm", "hf:", "clip:"),
+}
+
+
+def complete(config: Mapping[str, object]) -> dict[str, ConfigValue]:
+    """The suite keys of ``config`` with defaults for the optional ones (older servers)."""
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise ConfigError(f"client config lacks {key!r} (the server must send it)")
+    return {key: config.get(key, default) for key, default in SUITE_DEFAULTS.items()}  # type: ignore[misc]
+
+
+def data_paths(text: str) -> list[str]:
+    """``data-paths`` as a list: comma separated, blanks dropped."""
+    return [path.strip() for path in text.split(",") if path.strip()]
+
+
+def parse_federated_layers(text: str) -> int | str | None:
+    """'' → None (the suite's default), 'all' → 'all', '3' → 3; else a one-line ConfigError."""
+    text = str(text).strip()
+    if text in ("", "all"):
+        return text or None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ConfigError(
+        f"federated-layers must be '' (the suite's default), an integer ≥ 1 or all, got {text!r}"
+    )
+
+
+def check_suite_config(config: Mapping[str, object]) -> None:
+    """One-line ConfigErrors for bad values and combinations of the suite keys."""
+    c = complete(config)
+    suite, shared = str(c["task-suite"]), bool(c["shared-head"])
+    if suite not in SUITES:
+        raise ConfigError(f"unknown task-suite {suite!r}; choose one of {', '.join(SUITES)}")
+    model = str(c["model"])
+    allowed = SUITE_MODELS[suite]
+    if not any(model == a or (a.endswith(":") and model.startswith(a)) for a in allowed):
+        choices = ", ".join(repr(a) if not a.endswith(":") else f"{a}PATH" for a in allowed)
+        raise ConfigError(f"task-suite={suite} takes model {choices}; got model={model!r}")
+    paths = data_paths(str(c["data-paths"]))
+    if paths and suite != "local":
+        raise ConfigError(
+            f"data-paths is for task-suite=local (your own files), not {suite}: "
+            "drop data-paths or set task-suite=local"
+        )
+    if suite == "local" and not paths:
+        raise ConfigError('task-suite=local needs data-paths="task0.csv,task1/,..." (one per task)')
+    if suite == "local" and not shared and len(paths) != int(c["num-tasks"]):  # type: ignore[call-overload]
+        raise ConfigError(
+            f"data-paths names {len(paths)} tasks but num-tasks = {c['num-tasks']} "
+            "(one path per task/client)"
+        )
+    layers = parse_federated_layers(str(c["federated-layers"]))
+    if layers is not None and suite in ("toy", "digits"):
+        raise ConfigError(
+            f"federated-layers is for the text and local suites; {suite} federates its whole "
+            "backbone (drop federated-layers)"
+        )
+    check_mixing(c["mixing"])
+    alpha, task = float(c["dirichlet-alpha"]), int(c["dirichlet-task"])  # type: ignore[arg-type]
+    if not (math.isfinite(alpha) and alpha >= 0):
+        raise ConfigError(
+            f"dirichlet-alpha must be a finite number ≥ 0 (0 = IID split), got {alpha}"
+        )
+    if not shared and (alpha != 0 or task != 0):
+        raise ConfigError(
+            "dirichlet-alpha / dirichlet-task split one task over the clients: set "
+            "shared-head=true (or drop them)"
+        )
+    if task < 0 or (shared and task >= _num_suite_tasks(suite, paths)):
+        raise ConfigError(
+            f"dirichlet-task must be a task index < {_num_suite_tasks(suite, paths)} of the "
+            f"{suite} suite, got {task}"
+        )
+
+
+def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
+    """How many tasks a suite can have (toy: any number)."""
+    if suite == "digits":
+        from fl_sim.digits_data import MAX_TASKS
+
+        return MAX_TASKS
+    if suite == "text":
+        from fl_sim.stdlib_text import TEXT_TASKS
+
+        return len(TEXT_TASKS)
+    if suite == "local":
+        return len(paths)
+    return math.inf
+
+
+def build_suite(config: Mapping[str, object]) -> TaskSuite:
+    """The task suite of the suite keys in ``config`` (module docstring); checked first."""
+    check_suite_config(config)
+    c = complete(config)
+    name, shared = str(c["task-suite"]), bool(c["shared-head"])
+    num_tasks, task = int(c["num-tasks"]), int(c["dirichlet-task"])  # type: ignore[call-overload]
+    kwargs: dict[str, object] = {"seed": int(c["suite-seed"])}  # type: ignore[call-overload]
+    if str(c["model"]):
+        kwargs["model"] = str(c["model"])
+    layers = parse_federated_layers(str(c["federated-layers"]))
+    if layers is not None:
+        kwargs["federated_layers"] = layers
+    if name == "local":
+        kwargs["paths"] = data_paths(str(c["data-paths"]))
+        kwargs["num_tasks"] = None if shared else num_tasks
+    else:  # shared-head: the base suite only needs the tasks up to the one that is split
+        kwargs["num_tasks"] = task + 1 if shared else num_tasks
+    mixing = float(c["mixing"])  # type: ignore[arg-type]
+    if not shared:
+        return make_suite(name, mixing=mixing, **kwargs)
+    from fl_sim.shared_head_suite import SharedHeadSuite
+
+    suite = SharedHeadSuite(
+        make_suite(name, **kwargs),
+        num_tasks,
+        task_index=task,
+        alpha=float(c["dirichlet-alpha"]),  # type: ignore[arg-type]
+    )
+    suite.mixing = mixing
+    return suite
+
+
+__all__ = [
+    "SUITE_DEFAULTS",
+    "SUITE_KEYS",
+    "build_suite",
+    "check_suite_config",
+    "complete",
+    "data_paths",
+    "parse_federated_layers",
+]
