@@ -179,6 +179,10 @@ def test_every_key_has_a_default_in_the_pyproject_table_and_the_help(tmp_path):
     path = tmp_path / "pyproject.toml"
     path.write_text(toml_table())
     assert RunConfig.from_sources(path) == RunConfig()
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
     for key in RunConfig().to_mapping():
         assert f"  {key} = " in help_text()
 
