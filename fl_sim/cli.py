@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from fl_sim.demo import add_demo_parser
     from fl_sim.run_command import add_run_parser
+    from fl_sim.sweep import add_sweep_parser
 
     add_run_parser(subparsers)
     add_merge_parser(subparsers)
     add_demo_parser(subparsers)
+    add_sweep_parser(subparsers)
     return parser
 
 

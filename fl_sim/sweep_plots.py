@@ -1,0 +1,96 @@
+"""Plots of a sweep: normalised test accuracy against each swept knob, one line per rule and mode.
+
+``draw_sweep_plots`` reads sweep.csv's rows (plain numbers and the grid values) and writes one
+PNG per grid key. With several grid keys, each point of a line is the mean over the other keys'
+values (the title says which). Written atomically with fl_sim/plots.py's ``_save``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fl_sim.plots import _save, plt
+
+MODE_STYLES = {"one-shot": "-", "multi-round": "--"}
+
+
+def normalized_accuracy_vs_knob(
+    path: Path,
+    key: str,
+    values: Sequence[object],
+    lines: Mapping[tuple[str, str], Sequence[float | None]],
+    averaged_over: Sequence[str],
+) -> Path:
+    """One line per (rule, mode): mean normalised test accuracy at each value of ``key``.
+
+    Numeric knobs get a numeric axis (log when the values span two decades or more), others
+    (presets, rule lists) one tick per value in grid order. Missing points are left out.
+    """
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    positions = [float(v) for v in values] if numeric else list(range(len(values)))
+    figure, axis = plt.subplots(figsize=(7.0, 4.4))
+    colors: dict[str, str] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (rule, mode), ys in lines.items():
+        color = colors.setdefault(rule, cycle[len(colors) % len(cycle)])
+        xs_present = [x for x, y in zip(positions, ys, strict=True) if y is not None]
+        ys_present = [y for y in ys if y is not None]
+        axis.plot(
+            xs_present,
+            ys_present,
+            marker="o",
+            color=color,
+            linestyle=MODE_STYLES.get(mode, ":"),
+            label=f"{rule} ({mode})",
+        )
+    if numeric:
+        low, high = min(positions), max(positions)
+        if low > 0 and high / low >= 100:
+            axis.set_xscale("log")
+        axis.set_xticks(positions, [str(v) for v in values])
+    else:
+        axis.set_xticks(positions, [str(v) for v in values], rotation=20, ha="right")
+        axis.set_xlim(-0.5, len(values) - 0.5)
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axis.set_xlabel(key)
+    axis.set_ylabel("mean normalized accuracy (test)")
+    title = f"normalized accuracy vs {key}"
+    if averaged_over:
+        title += f"\n(mean over {', '.join(averaged_over)})"
+    axis.set_title(title)
+    axis.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def draw_sweep_plots(
+    folder: Path,
+    grid: Mapping[str, Sequence[object]],
+    rows: Sequence[Mapping[str, object]],
+) -> list[Path]:
+    """``normalized_accuracy_vs_<key>.png`` per grid key (values in grid order) from the rows."""
+    written = []
+    for key, values in grid.items():
+        values = list(values)
+        sums: dict[tuple[str, str], list[list[float]]] = {}
+        for row in rows:
+            accuracy = row.get("test_mean_normalized_accuracy")
+            if accuracy is None or not math.isfinite(float(accuracy)):
+                continue
+            series = sums.setdefault((str(row["rule"]), str(row["mode"])), [[] for _ in values])
+            series[values.index(row[key])].append(float(accuracy))
+        lines = {
+            label: [sum(xs) / len(xs) if xs else None for xs in series]
+            for label, series in sums.items()
+        }
+        others = [k for k in grid if k != key]
+        name = re.sub(r"[^A-Za-z0-9._+-]", "-", key)
+        written.append(
+            normalized_accuracy_vs_knob(
+                folder / f"normalized_accuracy_vs_{name}.png", key, values, lines, others
+            )
+        )
+    return written
