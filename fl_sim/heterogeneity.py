@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 
 def effective_weights(weights: Sequence[float], a_norm: Sequence[float]) -> list[float]:
-    """w_t = p_t ‖a_t‖₁ / Σ_i p_i ‖a_i‖₁."""
+    """w_t = p_t ‖a_t‖₁ / Σ_i p_i ‖a_i‖₁ (exactly p_t when every ‖a_t‖₁ is the same)."""
+    if len(set(a_norm)) == 1:
+        return list(weights)
     scaled = [p * a for p, a in zip(weights, a_norm, strict=True)]
     total = sum(scaled)
     return [s / total for s in scaled]
