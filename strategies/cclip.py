@@ -9,7 +9,12 @@ round's A. With τ_c = ∞ one step gives Σ_t p_t Δ_t, FedAvg, from any v₀.
 
 Streaming: each iteration needs every ‖Δ_t − v‖₂ before it can move v, so the rule reads the
 updates L + 1 times. Pass k (k < L) applies iteration k's step (k ≥ 1) and accumulates the
-distances for iteration k + 1; the last pass applies iteration L's step and yields A.
+distances for iteration k + 1; the last pass applies iteration L's step and yields A. From v₀ = 0
+every step is linear in the updates once its scales s⁽ᵏ⁾ are known, so after the first L passes
+
+    A = v_L = Σ_t c_t Δ_t,    c⁽ᵏ⁾ = c⁽ᵏ⁻¹⁾ (1 − Σ_t p_t s_t⁽ᵏ⁾) + p ⊙ s⁽ᵏ⁾,    c⁽⁰⁾ = 0,
+
+and the engine may fuse the last pass as it does for FedAvg (``linear_coefficients``).
 """
 
 from __future__ import annotations
@@ -53,9 +58,17 @@ def cclip_step(
 
 
 def squared_distances(deltas: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
-    """‖Δ_t − v‖₂² over this slice, per client, accumulated in float64."""
+    """‖Δ_t − v‖₂² over this slice, per client, as float64.
+
+    Σ_j (Δ_t,j − v_j)² is summed in the slice's dtype (float32 at least), whose cascade sum is
+    exact to about its ε (6e-8 in float32; float64 stays float64) and ≈ 4× faster on the CPU than
+    converting the slice to float64; the caller adds the slices up in float64.
+    """
     diff = deltas if center is None else deltas - center
-    return torch.linalg.vector_norm(diff.flatten(1), dim=1, dtype=torch.float64).square()
+    flat = diff.flatten(1)
+    if flat.dtype.itemsize < 4:
+        flat = flat.float()
+    return torch.linalg.vecdot(flat, flat).to(torch.float64)
 
 
 def cclip(
@@ -99,6 +112,7 @@ class CClip(Rule):
         self._v: dict[tuple[str, int], torch.Tensor] = {}  # v after the latest step, per chunk
         self._squared = torch.zeros(weights.numel(), dtype=torch.float64)
         self._scales: torch.Tensor | None = None
+        self._all_scales: list[torch.Tensor] = []  # s⁽¹⁾..s⁽ᵏ⁾ as float64, for c
         self.scales_per_iteration: list[list[float]] = []
 
     def _current_center(self, chunk: Chunk, device: torch.device) -> torch.Tensor | None:
@@ -126,6 +140,7 @@ class CClip(Rule):
         scales = clip_scales(self._squared, self.tau_c)
         self.scales_per_iteration.append([round(s, 8) for s in scales.tolist()])
         self._scales = scales
+        self._all_scales.append(scales)
         self._squared.zero_()
 
     def aggregate(self, chunk: Chunk, deltas: torch.Tensor) -> torch.Tensor:
@@ -133,6 +148,16 @@ class CClip(Rule):
         self._v.pop((chunk.name, chunk.start), None)
         assert result is not None  # the last pass always follows at least one end_pass
         return result
+
+    def linear_coefficients(self) -> torch.Tensor | None:
+        """c with A = Σ_t c_t Δ_t: known from v₀ = 0 once all L scales are (module docstring)."""
+        if self.center is not None or len(self._all_scales) < self.iters:
+            return None
+        c = torch.zeros_like(self.weights)
+        for scales in self._all_scales:
+            ps = self.weights * scales
+            c = c * (1.0 - ps.sum()) + ps
+        return c
 
     def summary(self) -> dict[str, object]:
         return {
