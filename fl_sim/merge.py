@@ -88,14 +88,14 @@ def _merge(
     input_bytes = base.nbytes + sum(m.nbytes for m in models)
     folder_output = base.is_folder
     bar = _progress_bar(progress, input_bytes * rule.num_passes, options.method)
-    total_passes = rule.num_passes
 
     def tensor_done(plan: TensorPlan, pass_index: int) -> None:
         if bar is not None:
             bar.update(plan.numel * plan.dtype.itemsize * (num_clients + 1))
-        if pass_index == total_passes - 1:
-            for checkpoint in (base, *models):
-                checkpoint.release(plan.name)
+        # after every pass, not only the last: a multi-pass rule (cclip) would otherwise keep
+        # the whole input mapped through its first passes
+        for checkpoint in (base, *models):
+            checkpoint.release(plan.name)
 
     merged = aggregate_model(
         rule,
