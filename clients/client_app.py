@@ -9,6 +9,9 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
   a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
   loss-after, and cached (1 when Δ_t came from the update cache, clients/update_cache.py:
   ``update-cache`` and ``cache-dir`` in the ConfigRecord; off when the server sends none);
+  Declared faults (fl_sim/fault_injection.py) arrive in the ConfigRecord: ``inject-failure``
+  (raise), ``byzantine`` + ``attack-seed`` (the reply carries the attacked Δ_t, applied after
+  honest training) and ``slow-seconds`` (sleep before replying);
 - ``evaluate``: the loss and accuracy of the received model on its task's val or test split
   (shared-head: the one task's).
 
@@ -21,6 +24,7 @@ config. One torch thread per client: clients share cores.
 
 from __future__ import annotations
 
+import time
 from functools import cache
 
 import torch
@@ -31,6 +35,7 @@ from clients.knobs import knobs_from_config
 from clients.update_cache import UpdateCache, cached_fine_tune
 from fl_sim.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
+from fl_sim.fault_injection import attack_update
 from fl_sim.suite_config import ConfigValue, build_suite, complete
 from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
 
@@ -38,7 +43,7 @@ app = ClientApp()
 
 
 class InjectedClientFailure(RuntimeError):
-    """Raised on purpose by the run-config fault-injection knobs fail-client / fail-round."""
+    """Raised on purpose by the run-config fault-injection knobs crash / fail-client."""
 
 
 @cache
@@ -95,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     if bool(config.get("inject-failure", False)):
         raise InjectedClientFailure(
             f"fault injection: client {t} fails in round {server_round} "
-            "(run-config fail-client / fail-round)"
+            "(run-config crash, or fail-client / fail-round)"
         )
     knobs = knobs_from_config(config)
     global_state = record_to_tensors(msg.content["arrays"], writable=True)
@@ -111,15 +116,20 @@ def train(msg: Message, context: Context) -> Message:
         full_batch=bool(config.get("full-batch", False)),
         round_index=server_round,
     )
+    update = result.update
+    attack = str(config.get("byzantine", ""))
+    if attack:  # after honest training: the cache above holds the honest Δ_t
+        update = attack_update(update, attack, seed=int(config.get("attack-seed", 0)))
+    slow_seconds = float(config.get("slow-seconds", 0.0))
+    if slow_seconds > 0:
+        time.sleep(slow_seconds)
     a_norm_kind = str(config.get("a-norm", "lr-sum"))
     metrics = result.metrics()
     metrics["a-norm"] = result.a_norm_steps if a_norm_kind == "steps" else result.a_norm_lr_sum
     metrics["a-norm-exact"] = int(metrics["a-norm-exact"])  # MetricRecord holds numbers only
     metrics["task-index"] = t
     metrics["cached"] = int(cached)
-    content = RecordDict(
-        {"arrays": tensors_to_record(result.update), "metrics": MetricRecord(metrics)}
-    )
+    content = RecordDict({"arrays": tensors_to_record(update), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -33,6 +33,7 @@ PAPER_SCALE = {  # how the paper scales τ* in θ₀ + λ·τ*: "sum" → β = �
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
+MAX_ITERS = 10_000  # cclip's L: a bound, so that a typo cannot run for ever
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,10 @@ def parse_weights(text: str | Sequence[float] | None) -> tuple[float, ...] | Non
     items = text.split(",") if isinstance(text, str) else list(text)
     try:
         return tuple(float(w) for w in items)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(
+            f"--weights must be comma-separated numbers, got {text!r}"[:300]
+        ) from None
 
 
 def read_train_meta(
@@ -183,6 +186,8 @@ def parse_meta_entry(entry: object, source: str, model: str) -> TrainMeta:
                 raise ConfigError(
                     f"{source}: {key} for {model} must be a number > 0, got {value!r}"
                 )
+            if isinstance(value, int) and value > 2**53:  # also beyond float range
+                raise ConfigError(f"{source}: {key} for {model} is out of range")
             if not math.isfinite(value):
                 raise ConfigError(f"{source}: {key} for {model} must be finite, got {value!r}")
             value = float(value)
@@ -237,6 +242,8 @@ def build_merge_options(
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not 1 <= iters <= MAX_ITERS:
+        raise ConfigError(f"--iters must be an integer in [1, {MAX_ITERS}], got {iters}"[:300])
     if not out:
         raise ConfigError("no output path: pass --out OUT (a folder or a .safetensors file)")
     model_paths = tuple(Path(m) for m in models)
@@ -281,7 +288,13 @@ YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out
 
 
 def _yaml_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:  # an integer beyond float range
+        return False
+    return True
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -306,7 +319,7 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
         raise ConfigError(f"merge config {path} is not valid YAML ({first})") from None
     if not isinstance(document, dict):
         raise ConfigError(f"merge config {path}: expected a mapping with merge_method, models, ...")
-    unknown = sorted(set(document) - YAML_KEYS)
+    unknown = sorted(set(document) - YAML_KEYS, key=str)  # YAML keys may be numbers
     if unknown:
         raise ConfigError(
             f"merge config {path}: unknown key {unknown[0]!r} "
@@ -317,6 +330,9 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
     kwargs["base"] = document.get("base_model")
     if kwargs["method"] is None or kwargs["base"] is None:
         raise ConfigError(f"merge config {path}: needs both merge_method and base_model")
+    for key, value in (("merge_method", kwargs["method"]), ("base_model", kwargs["base"])):
+        if not isinstance(value, str):
+            raise ConfigError(f"merge config {path}: {key} must be a string, got {value!r}")
     models = document.get("models") or []
     if not isinstance(models, list):
         raise ConfigError(f"merge config {path}: models must be a list of {{model: PATH}}")

@@ -1,6 +1,7 @@
 """``fl-sim run``: a federated run on Flower's simulation engine (Ray), started from Python.
 
-    fl-sim run [--config FILE.toml] [--set key=value ...] [--num-supernodes N] [--ray-address]
+    fl-sim run [--config FILE.toml] [--set key=value ...] [--num-supernodes N]
+               [--ray-address [ADDR]] [--client-cpus N] [--client-gpus N]
 
 The run config is parsed here, once, into a ``RunConfig`` and handed to the ServerApp object
 (``make_server_app(config)``): ``run_simulation`` gives the app an empty ``context.run_config``,
@@ -54,6 +55,7 @@ examples:
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda=0.3
   fl-sim run --set experiment=single --set strategy=fednova --set num-rounds=5
   fl-sim run --config my.toml --set results-dir=runs/fednova --ray-address auto
+  RAY_ADDRESS=10.0.0.5:6379 fl-sim run --client-cpus 2 --client-gpus 0.25   # a Ray cluster
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda-grid=0.1,0.2,0.3
 
 run-config keys (TOML key = default):
@@ -88,7 +90,27 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
         nargs="?",
         const="auto",
         metavar="ADDR",
-        help="run on an existing Ray cluster (`ray start --head`); without ADDR: auto",
+        help="run on an existing Ray cluster (`ray start --head`); without ADDR: auto "
+        "(default: $RAY_ADDRESS if set, else a private local Ray)",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="CPUs Ray reserves per client (default 1: clients run in parallel up to the cores)",
+    )
+    parser.add_argument(
+        "--client-gpus",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="GPUs Ray reserves per client, fractional allowed, e.g. 0.25 (default 0)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from results-dir/checkpoint at its last finished round (--set resume=true)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -98,11 +120,14 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from fl_sim.experiment import expand_experiment, table, write_experiment
 
-    config = RunConfig.from_sources(args.config, args.overrides)
+    overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    config = RunConfig.from_sources(args.config, overrides)
     results = simulate(
         expand_experiment(config),
         num_supernodes=args.num_supernodes,
         ray_address=args.ray_address,
+        client_cpus=args.client_cpus,
+        client_gpus=args.client_gpus,
         progress=not args.no_progress,
         verbose=args.verbose,
     )
@@ -138,6 +163,8 @@ def simulate(
     *,
     num_supernodes: int | None = None,
     ray_address: str | None = None,
+    client_cpus: float = 1.0,
+    client_gpus: float = 0.0,
     progress: bool = True,
     verbose: bool = False,
 ) -> list[dict[str, object]]:
@@ -148,6 +175,10 @@ def simulate(
     first run that fails raises (a one-line ``FlSimError``); the runs before it are written.
     With ``update-cache`` (the default) a client trains each (task, knobs, round, weights) once:
     later runs of the sweep that start from the same weights reuse its Δ_t.
+
+    ``ray_address`` (else ``$RAY_ADDRESS``) joins an existing Ray cluster (``ray start --head``)
+    instead of starting a private one; each client reserves ``client_cpus`` CPUs and
+    ``client_gpus`` GPUs of it, so at most ⌊cluster CPUs / client_cpus⌋ clients train at once.
     """
     if not configs:
         raise ConfigError("simulate: no run configs given")
@@ -162,6 +193,11 @@ def simulate(
     if len(set(dirs)) != len(dirs):
         raise ConfigError("runs in one simulation need distinct results-dir values")
     n = first.num_tasks if num_supernodes is None else num_supernodes
+    if not client_cpus > 0 or client_gpus < 0:
+        raise ConfigError(
+            f"client resources must be --client-cpus > 0 and --client-gpus ≥ 0, "
+            f"got {client_cpus} and {client_gpus}"
+        )
     if n != first.num_tasks:
         raise ConfigError(
             f"--num-supernodes {n} but num-tasks = {first.num_tasks}: one SuperNode per task "
@@ -172,10 +208,11 @@ def simulate(
 
     bar = _ProgressBar(configs) if progress else None
     init_args: dict[str, object] = {}
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     if ray_address:
         init_args["address"] = ray_address
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
         "init_args": init_args,
     }
     flower_logger = logging.getLogger("flwr")

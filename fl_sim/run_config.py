@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 
 from clients.knobs import PRESETS, TrainingKnobs, client_knobs
 from fl_sim.errors import ConfigError
+from fl_sim.fault_injection import parse_byzantine, parse_crash, parse_slow
 from fl_sim.suite_config import check_suite_config
 from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
 
@@ -36,8 +37,19 @@ SERVER_DEVICES = ("auto", "cpu", "cuda")
 EVAL_SPLITS = ("val", "test")
 EXPERIMENTS = ("compare", "single")
 NO_PRESET = "none"
+MAX_TASKS = 10_000  # a bound, so that a typo cannot build millions of clients' knobs
+MAX_SEED = 2**32 - 1  # seeds go to torch.manual_seed and NumPy
 
 ConfigValue = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The run's declared faults: client t → attack, (t, round) crashes, client t → seconds."""
+
+    byzantine: dict[int, str]
+    crash: frozenset[tuple[int, int]]
+    slow: dict[int, float]
 
 
 def _knob(key: str, help: str, *, kind: str) -> dict[str, str]:
@@ -384,6 +396,53 @@ class RunConfig:
             "fail-round", "FAULT INJECTION: the round in which fail-client raises", kind="int"
         ),
     )
+    byzantine: str = field(
+        default="",
+        metadata=_knob(
+            "byzantine",
+            "FAULT INJECTION: Byzantine clients, a comma list of t:attack with attack scale:K "
+            "(K·Δ_t), sign-flip (−Δ_t), gaussian:σ (Δ_t + N(0, σ²), seeded with seed + t + "
+            "round) or nan; applied after honest training (the update cache keeps the honest "
+            "Δ_t); non-finite updates are rejected by the server and recorded as failures",
+            kind="str",
+        ),
+    )
+    crash: str = field(
+        default="",
+        metadata=_knob(
+            "crash",
+            "FAULT INJECTION: a comma list of t:round, client t raises in that round (recorded "
+            "as a failure; set min-clients so that the round goes on)",
+            kind="str",
+        ),
+    )
+    slow: str = field(
+        default="",
+        metadata=_knob(
+            "slow",
+            "FAULT INJECTION: a comma list of t:seconds, client t sleeps that long before "
+            "replying in every round (with round-timeout: recorded as failed)",
+            kind="str",
+        ),
+    )
+    round_timeout: float = field(
+        default=0.0,
+        metadata=_knob(
+            "round-timeout",
+            "seconds the server waits for the clients' replies in each round; a client that "
+            "has not replied is recorded as failed (0 = Flower's default, 3600 s)",
+            kind="float",
+        ),
+    )
+    resume: bool = field(
+        default=False,
+        metadata=_knob(
+            "resume",
+            "continue from results-dir/checkpoint (written atomically after every round) at "
+            "the last finished round; the rest of the config must be the checkpoint's",
+            kind="bool",
+        ),
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -438,6 +497,17 @@ class RunConfig:
             batch_size=self.batch_size,
             seed=self.seed,
             preset=None if self.preset == NO_PRESET else self.preset,
+        )
+
+    def faults(self) -> Faults:
+        """The declared faults (fl_sim/fault_injection.py), fail-client/fail-round included."""
+        crash = parse_crash(self.crash, self.num_tasks)
+        if self.fail_client >= 0 and self.fail_round >= 1:
+            crash.add((self.fail_client, self.fail_round))
+        return Faults(
+            byzantine=parse_byzantine(self.byzantine, self.num_tasks),
+            crash=frozenset(crash),
+            slow=parse_slow(self.slow, self.num_tasks),
         )
 
     def server_lr_candidates(self) -> list[float]:
@@ -508,6 +578,13 @@ class RunConfig:
         _choice("eval-split", self.eval_split, EVAL_SPLITS)
         _at_least("num-rounds", self.num_rounds, 1)
         _at_least("num-tasks", self.num_tasks, 1)
+        if self.num_tasks > MAX_TASKS:
+            raise ConfigError(
+                f"num-tasks must be ≤ {MAX_TASKS} (one simulated client per task), "
+                f"got {self.num_tasks}"
+            )
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed must be an integer ≤ {MAX_SEED}, got {self.seed}")
         _at_least("cclip-iters", self.cclip_iters, 1)
         _at_least("min-clients", self.min_clients, 0)
         _at_least("seed", self.seed, 0)
@@ -553,8 +630,22 @@ class RunConfig:
                 f"fail-client must be a task index < num-tasks = {self.num_tasks} or -1, "
                 f"got {self.fail_client}"
             )
+        self.faults()  # byzantine, crash and slow entries are checked here, once
+        if not (math.isfinite(self.round_timeout) and self.round_timeout >= 0):
+            raise ConfigError(
+                f"round-timeout must be a finite number of seconds ≥ 0 (0 = Flower's default), "
+                f"got {self.round_timeout}"
+            )
         check_suite_config(self.suite_config())
-        self.client_knobs()  # lists, ranges and presets are checked here, once
+        try:
+            self.client_knobs()  # lists, ranges and presets are checked here, once
+        except OverflowError:  # e.g. local-steps = 1e999: name the knobs that were set
+            knob_keys = [f.metadata["key"] for f in fields(self) if f.metadata["kind"] == "knob"]
+            given = [k for k in knob_keys if getattr(self, _field_name(k)) != _DEFAULTS[k]]
+            raise ConfigError(
+                f"{', '.join(given) or 'a training knob'}: a value is out of range "
+                "(give finite numbers of a sensible size)"
+            ) from None
 
     def _validate_search(self) -> None:
         self.server_lr_candidates()
@@ -575,6 +666,13 @@ class RunConfig:
                 f"lambda-grid is task_arithmetic's λ; {self.strategy} searches β: "
                 "use server-lr-grid"
             )
+
+
+_DEFAULTS = {f.metadata["key"]: f.default for f in fields(RunConfig)}
+
+
+def _field_name(key: str) -> str:
+    return next(f.name for f in fields(RunConfig) if f.metadata["key"] == key)
 
 
 def parse_grid(key: str, text: str) -> list[float]:
@@ -605,38 +703,61 @@ def _coerce(key: str, kind: str, value: object) -> object:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {value!r} (set {key}=true)")
+        raise ConfigError(f"{key} must be true or false, got {_excerpt(value)} (set {key}=true)")
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r} (set {key}=<integer>)")
-        return int(value)
+        whole = isinstance(value, int) or (
+            isinstance(value, float) and math.isfinite(value) and value == int(value)
+        )
+        if isinstance(value, bool) or not whole:
+            raise ConfigError(
+                f"{key} must be an integer, got {_excerpt(value)} (set {key}=<integer>)"
+            )
+        return int(value)  # type: ignore[arg-type]
     if kind == "float":
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = float(value)  # "inf" for tau-c
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r} (set {key}=<number>)")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {_excerpt(value)} (set {key}=<number>)")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{key} is out of range, got {_excerpt(value)}") from None
     if kind == "str":
         if not isinstance(value, str):
-            raise ConfigError(f'{key} must be a string, got {value!r} (set {key}="...")')
+            raise ConfigError(f'{key} must be a string, got {_excerpt(value)} (set {key}="...")')
         return value
     if kind == "layers":  # federated-layers: '', all, or an integer (kept as its string)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f'{key} must be an integer or "all", got {value!r} (set {key}=2)')
+            raise ConfigError(
+                f'{key} must be an integer or "all", got {_excerpt(value)} (set {key}=2)'
+            )
         return str(value)
     if kind == "grid":  # a comma list of numbers, kept as its string; one number is a grid of one
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(
-                f'{key} must be a comma list of numbers, got {value!r} (set {key}="0.1,0.3")'
+                f"{key} must be a comma list of numbers, got {_excerpt(value)} "
+                f'(set {key}="0.1,0.3")'
             )
-        return value if isinstance(value, str) else repr(float(value))
+        if isinstance(value, str):
+            return value
+        try:
+            return repr(float(value))
+        except OverflowError:
+            raise ConfigError(f"{key} is out of range, got {_excerpt(value)}") from None
     # knob: a number, or a string holding a comma list, a range or a name
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(
-            f"{key} must be a number or a string (comma list or log:A:B range), got {value!r}"
+            f"{key} must be a number or a string (comma list or log:A:B range), "
+            f"got {_excerpt(value)}"
         )
     return value
+
+
+def _excerpt(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile value can be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

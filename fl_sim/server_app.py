@@ -22,6 +22,9 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
 - ``global_model.safetensors`` (the final θ), ``base.safetensors`` (θ₀) and
   ``clients/client_<t>.safetensors`` (θ₀ + Δ_t of round 1) with ``clients/train_meta.json``
   (K_t and Σ_k η_t⁽ᵏ⁾ in the files' order), so ``fl-sim merge`` can redo round 1 offline.
+- ``checkpoint/round.safetensors`` (+ ``round.json``), multi-round runs: θʳ and the run's state
+  after every round (fl_sim/round_checkpoint.py); ``resume = true`` (``fl-sim run --resume``)
+  continues from it and ends with the results of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import fl_sim
 from clients.update_cache import hash_tensors, resolve_cache_dir
 from fl_sim.array_records import record_to_tensors, tensors_to_record
 from fl_sim.diagnostics import gradient_diversity, gradient_gram, task_gradients
+from fl_sim.round_checkpoint import read_checkpoint, write_checkpoint
 from fl_sim.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.run_config import RunConfig
 from fl_sim.safetensors_io import save_tensors
@@ -153,6 +157,43 @@ class RunRecorder:
         self.selected: ServerLrCandidate | None = None
         self.search_seconds = 0.0
         self.diagnostics: dict[str, object] = {}
+        self._last = time.perf_counter()
+
+    def checkpoint_state(self) -> dict[str, object]:
+        """What results.json needs from the rounds already run (fl_sim/round_checkpoint.py)."""
+        return {
+            "evaluations": self.evaluations,
+            "finetuned": self.finetuned,
+            "client_finetuned": self.client_finetuned,
+            "client_files": self.client_files,
+            "round_seconds": self.round_seconds,
+            "evaluation_seconds": self.evaluation_seconds,
+            "beta_search": self.beta_search,
+            "selected": None if self.selected is None else asdict(self.selected),
+            "search_seconds": self.search_seconds,
+            "diagnostics": self.diagnostics,
+        }
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """The inverse of ``checkpoint_state`` (JSON turned integer keys into strings)."""
+
+        def by_int(mapping: object) -> dict[int, object]:
+            return {int(k): v for k, v in mapping.items()}  # type: ignore[union-attr]
+
+        self.evaluations = by_int(state["evaluations"])  # type: ignore[assignment]
+        self.finetuned = {s: by_int(v) for s, v in state["finetuned"].items()}  # type: ignore[union-attr,misc]
+        self.client_finetuned = {
+            s: by_int(v)
+            for s, v in state["client_finetuned"].items()  # type: ignore[union-attr]
+        }  # type: ignore[misc]
+        self.client_files = list(state["client_files"])  # type: ignore[call-overload]
+        self.round_seconds = by_int(state["round_seconds"])  # type: ignore[assignment]
+        self.evaluation_seconds = by_int(state["evaluation_seconds"])  # type: ignore[assignment]
+        self.beta_search = list(state["beta_search"])  # type: ignore[call-overload]
+        selected = state["selected"]
+        self.selected = None if selected is None else ServerLrCandidate(**selected)  # type: ignore[arg-type]
+        self.search_seconds = float(state["search_seconds"])  # type: ignore[arg-type]
+        self.diagnostics = dict(state["diagnostics"])  # type: ignore[call-overload]
         self._last = time.perf_counter()
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
@@ -443,16 +484,34 @@ def run_federation(
 
     node_tasks = discover_tasks(grid, suite.num_tasks)
     recorder = RunRecorder(config, suite, theta0)
-    recorder.measure_diagnostics("round_0", theta0)
     strategy = make_strategy(
         config,
         node_tasks,
         on_updates=recorder.client_updates,
         select_server_lr=recorder.select_server_lr,
     )
+    checkpoint = read_checkpoint(out, config) if config.resume else None
+    if checkpoint is None:
+        recorder.measure_diagnostics("round_0", theta0)
+        first_round, initial = 1, theta0
+    else:  # rounds 1..r are done: their records, then r+1..R from θʳ
+        strategy.restore_state(checkpoint.strategy_state, checkpoint.strategy_tensors)
+        recorder.restore_state(checkpoint.recorder_state)
+        first_round, initial = checkpoint.round + 1, checkpoint.theta
 
     def evaluate_fn(server_round: int, arrays: object) -> MetricRecord:
         metrics = recorder.evaluate_round(server_round, arrays)
+        if server_round >= 1 and config.num_rounds > 1:  # the commit point of round r
+            write_checkpoint(
+                out,
+                server_round,
+                record_to_tensors(arrays),  # type: ignore[arg-type]
+                strategy.checkpoint_state(),
+                recorder.checkpoint_state(),
+                config,
+                json_default=_json_default,
+                write_text=write_atomically,
+            )
         if on_round is not None:
             on_round(server_round, config.num_rounds, dict(metrics))
         return metrics
@@ -460,7 +519,12 @@ def run_federation(
     status, error = "completed", None
     try:
         result = strategy.start(
-            grid, tensors_to_record(theta0), num_rounds=config.num_rounds, evaluate_fn=evaluate_fn
+            grid,
+            tensors_to_record(initial),
+            num_rounds=config.num_rounds,
+            timeout=config.round_timeout or 3600.0,
+            evaluate_fn=evaluate_fn,
+            first_round=first_round,
         )
         final = record_to_tensors(result.arrays)
         save_tensors(out / "global_model.safetensors", dict(final))

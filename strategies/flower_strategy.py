@@ -22,9 +22,13 @@ own figures and the aggregation time.
 β search (``server-lr-grid``; task_arithmetic: ``lambda-grid``, β = λT), one-shot runs only: round
 1 aggregates A once (``strategies/server_step.py``), the ``select_server_lr`` callback (the
 ServerApp, on validation data) picks a grid point, and the round's model is θ₀ + β·A.
-A failed client (an error reply, a reply without Δ_t, or no reply) is logged and recorded
-(round, node, task, reason); the round goes on if at least ``min-clients`` replied (0: all),
-otherwise ``FederationError``. Nothing is dropped silently.
+Declared faults (``byzantine``, ``crash``, ``slow``; fl_sim/fault_injection.py) go to each client
+in its ConfigRecord. ``start`` can resume at a later round (fl_sim/round_checkpoint.py) with the
+state of ``checkpoint_state``/``restore_state``.
+A failed client (an error reply, a reply without Δ_t, an update whose tensors do not match θʳ,
+a non-finite update, checked before aggregation: "non-finite update", or no reply before
+``round-timeout``) is logged and recorded (round, node, task, reason); the round goes on if at
+least ``min-clients`` replied (0: all), otherwise ``FederationError``. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from typing import ClassVar
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from clients.knobs import knobs_to_config
-from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.array_records import array_to_tensor, record_to_tensors, tensors_to_record
 from fl_sim.errors import FlSimError
 from fl_sim.heterogeneity import chi_square, effective_weights
 from fl_sim.run_config import RunConfig
@@ -122,6 +126,7 @@ class RuleStrategy(Strategy):
         self.config = config
         self.node_tasks = dict(node_tasks)
         self.knobs = config.client_knobs()
+        self.faults = config.faults()
         self.device = resolve_device(config.server_device)
         self.evaluate_on_clients = evaluate_on_clients
         self.on_updates = on_updates
@@ -157,7 +162,81 @@ class RuleStrategy(Strategy):
     ) -> None:
         """Hook after aggregation (cclip keeps A for the next round's v₀)."""
 
+    # -- checkpoint (fl_sim/round_checkpoint.py) ------------------------------------------------
+
+    def checkpoint_state(self) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+        """What a resumed run needs besides θʳ: the JSON part and the tensors (cclip's v₀)."""
+        state = {
+            "rounds": [record.to_json() for record in self.rounds],
+            "failures": [asdict(failure) for failure in self.failures],
+        }
+        return state, {}
+
+    def restore_state(
+        self, state: Mapping[str, object], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """The inverse of ``checkpoint_state``."""
+        self.rounds = []
+        for entry in state["rounds"]:  # type: ignore[union-attr]
+            record = RoundRecord(**entry)
+            record.client_evaluation = {int(t): v for t, v in record.client_evaluation.items()}
+            self.rounds.append(record)
+        self.failures = [ClientFailure(**entry) for entry in state["failures"]]  # type: ignore[union-attr]
+
     # -- Flower's Strategy ---------------------------------------------------------------------
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's ``Strategy.start`` loop, able to resume: rounds ``first_round``..R from
+        ``initial_arrays`` = θ^(first_round − 1) (round 0 is evaluated only from θ₀)."""
+        if first_round == 1:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        result.arrays = arrays = initial_arrays
+        for current_round in range(first_round, num_rounds + 1):
+            replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            merged, train_metrics = self.aggregate_train(current_round, replies)
+            if merged is not None:
+                result.arrays = arrays = merged
+            if train_metrics is not None:
+                result.train_metrics_clientapp[current_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            evaluate_metrics = self.aggregate_evaluate(current_round, replies)
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[current_round] = evaluate_metrics
+            if evaluate_fn:
+                res = evaluate_fn(current_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        return result
 
     def summary(self) -> None:
         c = self.config
@@ -193,9 +272,11 @@ class RuleStrategy(Strategy):
             record["full-batch"] = self.config.full_batch
             record["update-cache"] = self.config.update_cache
             record["cache-dir"] = self.config.cache_dir
-            record["inject-failure"] = (
-                t == self.config.fail_client and server_round == self.config.fail_round
-            )
+            # declared faults (fl_sim/fault_injection.py); the client applies them
+            record["inject-failure"] = (t, server_round) in self.faults.crash
+            record["byzantine"] = self.faults.byzantine.get(t, "")
+            record["attack-seed"] = self.config.seed + t + server_round
+            record["slow-seconds"] = self.faults.slow.get(t, 0.0)
             content = RecordDict({"arrays": arrays, "config": record})
             messages.append(
                 Message(content, node_id, MessageType.TRAIN, group_id=str(server_round))
@@ -397,6 +478,11 @@ class RuleStrategy(Strategy):
                     f"update {name!r} has shape {tuple(array.shape)}, "
                     f"the model's is {tuple(self._theta[name].shape)}"
                 )
+        for name, array in arrays.items():
+            # before aggregation: one NaN/Inf would poison every rule but median
+            tensor = array_to_tensor(array)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"non-finite update (NaN or Inf in {name!r})"
         return None
 
     def _fail(
@@ -534,6 +620,23 @@ class CClipStrategy(RuleStrategy):
 
     def center(self) -> Mapping[str, torch.Tensor] | None:
         return self.previous_update
+
+    def checkpoint_state(self) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+        state, tensors = super().checkpoint_state()
+        state["round_tau_c"] = self.round_tau_c
+        state["has_center"] = self.previous_update is not None
+        return state, {**tensors, **(self.previous_update or {})}
+
+    def restore_state(
+        self, state: Mapping[str, object], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        super().restore_state(state, tensors)
+        self.round_tau_c = float(state["round_tau_c"])  # type: ignore[arg-type]
+        self.previous_update = (
+            {name: tensor.clone() for name, tensor in tensors.items()}
+            if state["has_center"]
+            else None
+        )
 
     def after_round(
         self, theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float

@@ -1,0 +1,137 @@
+"""`fl-sim run --ray-address ADDR` (or ``$RAY_ADDRESS``) runs on an existing Ray cluster.
+
+    ray start --head --node-ip-address 127.0.0.1 --port P --num-cpus 2 --temp-dir DIR
+    simulate([...], ray_address="127.0.0.1:P")
+
+The cluster is this test's own: every port it opens is a free one picked here (other sessions
+may run Ray on this machine), its processes carry a marker in their environment, and the
+fixture stops them and their children by PID, never with `ray stop` (which stops every Ray of
+this user). The run is a short toy federation; it must complete and leave the same weights as
+the same run on a private Ray (the default), since the engine must not change the result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_flwr_run import free_port, running, started_under, stop_processes
+
+from fl_sim.run_command import simulate
+from fl_sim.run_config import RunConfig
+
+BIN = Path(sys.executable).parent
+T = 2
+RAY_START_TIMEOUT = 120  # seconds; ~10 s on 2 cores
+RUN_CONFIG = {
+    "experiment": "single",
+    "task-suite": "toy",
+    "optimizer": "sgd",
+    "preset": "none",
+    "lr": 0.05,
+    "local-steps": 8,
+    "num-tasks": T,
+    "strategy": "fedavg",
+    "num-rounds": 1,
+    "update-cache": False,
+}
+
+
+@pytest.fixture
+def ray_head() -> Iterator[tuple[str, Path]]:
+    """A one-node Ray cluster on loopback: (address, temp dir); stops its processes after."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the process clean-up reads /proc")
+    if shutil.which("ray", path=str(BIN)) is None:
+        pytest.skip(f"no ray CLI next to {sys.executable} (install flwr[simulation])")
+    # short: Ray's unix sockets live under it (107-byte path limit)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    entry = f"FL_SIM_TEST_RAY={temp_dir}"
+    port = free_port()
+    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
+    command += ["--port", str(port), "--num-cpus", "2", "--num-gpus", "0"]
+    command += ["--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir]
+    for flag in (
+        "--ray-client-server-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--object-manager-port",
+        "--node-manager-port",
+    ):
+        command += [flag, str(free_port())]
+    env = {**os.environ, "FL_SIM_TEST_RAY": temp_dir, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        started = subprocess.run(
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RAY_START_TIMEOUT,
+            check=False,
+        )
+        assert started.returncode == 0, f"ray start failed:\n{started.stderr[-3000:]}"
+        yield f"127.0.0.1:{port}", Path(temp_dir)
+    finally:
+        signalled = stop_processes(entry)
+        time.sleep(0.5)
+        left = started_under(entry) | {pid for pid in signalled if running(pid)}
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"processes of this test's Ray cluster still running: {sorted(left)}"
+
+
+def run(results_dir: Path, cache: Path, **engine: object) -> dict[str, object]:
+    saved = os.environ.get("FL_SIM_CACHE")
+    os.environ["FL_SIM_CACHE"] = str(cache)
+    try:
+        config = RunConfig.from_mapping({**RUN_CONFIG, "results-dir": str(results_dir)})
+        (results,) = simulate([config], progress=False, **engine)
+    finally:
+        if saved is None:
+            os.environ.pop("FL_SIM_CACHE", None)
+        else:
+            os.environ["FL_SIM_CACHE"] = saved
+    return results
+
+
+@pytest.mark.slow
+def test_run_on_an_existing_ray_cluster_equals_a_private_ray_run(tmp_path, ray_head, monkeypatch):
+    address, temp_dir = ray_head
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    on_cluster = run(tmp_path / "cluster", tmp_path / "cache-cluster", ray_address=address)
+    assert on_cluster["status"] == "completed", on_cluster.get("error")
+    assert on_cluster["failures"] == [] and on_cluster["config"]["num-tasks"] == T
+
+    # $RAY_ADDRESS is the same switch as --ray-address (Ray's own convention)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    by_env = run(tmp_path / "env", tmp_path / "cache-env", client_cpus=2.0)
+    assert by_env["status"] == "completed", by_env.get("error")
+    monkeypatch.delenv("RAY_ADDRESS")
+    drivers = list(temp_dir.glob("session_*/logs/python-core-driver-*.log"))
+    assert len(drivers) >= 2, f"the runs did not join the cluster in {temp_dir}: {drivers}"
+
+    private = run(tmp_path / "private", tmp_path / "cache-private")
+    expected = load_file(tmp_path / "private" / "global_model.safetensors")
+    for name in ("cluster", "env"):
+        merged = load_file(tmp_path / name / "global_model.safetensors")
+        assert sorted(merged) == sorted(expected)
+        for key in expected:
+            torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert private["status"] == "completed"
+
+
+def test_client_resources_are_validated():
+    config = RunConfig.from_mapping({**RUN_CONFIG, "results-dir": "unused"})
+    with pytest.raises(Exception, match="client-cpus"):
+        simulate([config], client_cpus=0, progress=False)
