@@ -134,7 +134,7 @@ def write_experiment(
     config: RunConfig, results: Sequence[Mapping[str, object]]
 ) -> dict[str, object]:
     """experiment.json, experiment.csv and the plots in ``results-dir``; returns the summary."""
-    from fl_sim.server_app import write_atomically
+    from fl_sim.atomic_write import write_atomically
 
     root = Path(config.results_dir)
     summary = summarize(config, results)

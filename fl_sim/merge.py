@@ -10,7 +10,6 @@ so peak memory is about T × the largest tensor, not T × the model.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fl_sim import __version__
+from fl_sim.atomic_write import write_atomically
 from fl_sim.checkpoints import (
     Checkpoint,
     atomic_output,
@@ -202,13 +202,8 @@ def build_report(
 
 
 def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temp.write_text(json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    """merge_report.json: strict JSON (no NaN), written atomically."""
+    write_atomically(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def _progress_bar(enabled: bool, total: int, method: str):

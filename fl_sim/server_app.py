@@ -33,8 +33,6 @@ import csv
 import io
 import json
 import math
-import os
-import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -48,6 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 import fl_sim
 from clients.update_cache import hash_tensors, resolve_cache_dir
 from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.atomic_write import write_atomically
 from fl_sim.diagnostics import gradient_diversity, gradient_gram, task_gradients
 from fl_sim.round_checkpoint import read_checkpoint, write_checkpoint
 from fl_sim.run_config import EVAL_SPLITS as SPLITS
@@ -563,15 +562,3 @@ def _csv_text(rows: list[dict[str, object]]) -> str:
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue()
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -450,7 +450,7 @@ class Manifest:
         self.entries[point.slug].update(values)
 
     def save(self, status: str | None = None) -> None:
-        from fl_sim.server_app import write_atomically
+        from fl_sim.atomic_write import write_atomically
 
         if status is not None:
             self.document["status"] = status
@@ -614,7 +614,7 @@ def write_sweep_csv(
     out: Path, spec: SweepSpec, points: Sequence[SweepPoint]
 ) -> list[dict[str, object]]:
     """``DIR/sweep.csv`` (atomically) with a row per point × rule × mode; returns the rows."""
-    from fl_sim.server_app import write_atomically
+    from fl_sim.atomic_write import write_atomically
 
     rows = [row for point in points for row in point_rows(point)]
     columns: list[str] = [*spec.grid, "point"]

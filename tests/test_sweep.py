@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from fl_sim import sweep
+from fl_sim.atomic_write import write_atomically
 from fl_sim.cli import main as cli_main
 from fl_sim.errors import ConfigError, FlSimError
 from fl_sim.run_config import RunConfig
-from fl_sim.server_app import write_atomically
 from fl_sim.sweep import (
     SweepSpec,
     build_spec,
