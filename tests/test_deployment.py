@@ -263,26 +263,52 @@ def test_deployment_engine_equals_simulation_for_one_shot_fedavg(
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_docker_compose_config_parses():
-    """`docker compose config -q` (no engine needed); skipped without the compose plugin."""
-    if shutil.which("docker") is None:
-        pytest.skip("no docker CLI")
-    version = subprocess.run(
-        ["docker", "compose", "version"], capture_output=True, text=True, check=False
-    )
-    if version.returncode != 0:
-        pytest.skip(f"docker compose plugin missing: {version.stderr.strip()[:200]}")
-    for insecure in ("0", "1"):
-        done = subprocess.run(
-            ["docker", "compose", "config", "-q"],
-            cwd=REPO,
-            env={**os.environ, "FL_SIM_INSECURE": insecure},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+def compose_command() -> list[str] | None:
+    """`docker compose` (the v2 plugin), else Debian's `docker-compose` 1.29, else None.
+
+    Neither needs a Docker engine for `config`: it loads the file, interpolates the environment
+    and validates it against the Compose schema.
+    """
+    if shutil.which("docker") is not None:
+        version = subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, text=True, check=False
         )
+        if version.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose") is not None:
+        return ["docker-compose"]
+    return None
+
+
+def compose_config(command: list[str], cwd: Path, insecure: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, "config", "-q"],
+        cwd=cwd,
+        env={**os.environ, "FL_SIM_INSECURE": insecure},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_docker_compose_config_validates_the_file_and_rejects_a_broken_copy(tmp_path):
+    """`docker compose config -q` (no engine needed) on the repo's file, TLS and insecure; a copy
+    with a misspelt service key must fail. Skipped without `docker compose` or `docker-compose`
+    (.ci/run installs Debian's docker-compose where apt can)."""
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    for insecure in ("0", "1"):
+        done = compose_config(command, REPO, insecure)
         assert done.returncode == 0, done.stderr
+    text = (REPO / "docker-compose.yml").read_text(encoding="utf-8")
+    broken = text.replace("  restart: on-failure\n", "  restart: on-failure\n  entrypont: [sh]\n")
+    assert broken != text
+    (tmp_path / "docker-compose.yml").write_text(broken, encoding="utf-8")
+    done = compose_config(command, tmp_path, "0")
+    assert done.returncode != 0
+    assert "entrypont" in done.stderr + done.stdout
 
 
 def test_compose_has_a_superlink_a_serverapp_superexec_and_one_tls_supernode_per_task():
