@@ -91,7 +91,13 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Fine-tune task t from θʳ with this client's knobs; reply Δ_t and its figures."""
+    """Fine-tune task t from θʳ with this client's knobs; reply Δ_t and its figures.
+
+    Besides the figures of ``FineTuneResult.metrics`` the reply times the client: train-seconds
+    (local fine-tuning; ≈ 0 when the update came from the cache) and client-seconds (the whole
+    handler: task suite, θʳ in, training, Δ_t out; not Flower's own transfer).
+    """
+    start = time.perf_counter()
     one_thread()
     config = msg.content["config"]
     suite = suite_from_config(config)
@@ -106,6 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = record_to_tensors(msg.content["arrays"], writable=True)
     use_cache = bool(config.get("update-cache", False))
     cache = UpdateCache(str(config.get("cache-dir", ""))) if use_cache else None
+    train_start = time.perf_counter()
     result, cached = cached_fine_tune(
         cache,
         suite,
@@ -116,6 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         full_batch=bool(config.get("full-batch", False)),
         round_index=server_round,
     )
+    train_seconds = time.perf_counter() - train_start
     update = result.update
     attack = str(config.get("byzantine", ""))
     if attack:  # after honest training: the cache above holds the honest Δ_t
@@ -129,7 +137,10 @@ def train(msg: Message, context: Context) -> Message:
     metrics["a-norm-exact"] = int(metrics["a-norm-exact"])  # MetricRecord holds numbers only
     metrics["task-index"] = t
     metrics["cached"] = int(cached)
-    content = RecordDict({"arrays": tensors_to_record(update), "metrics": MetricRecord(metrics)})
+    arrays = tensors_to_record(update)
+    metrics["train-seconds"] = train_seconds
+    metrics["client-seconds"] = time.perf_counter() - start
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

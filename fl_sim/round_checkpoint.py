@@ -31,8 +31,8 @@ CHECKPOINT_FILE = "round.safetensors"
 STRATEGY_PREFIX = "__fl_sim_strategy__/"
 METADATA_KEY = "fl-sim-checkpoint"
 FORMAT = 1
-# keys that may differ between the interrupted run and its resumption
-RESUME_FREE_KEYS = ("resume", "results-dir")
+# keys that may differ between the interrupted run and its resumption (they change no result)
+RESUME_FREE_KEYS = ("resume", "results-dir", "client-num-cpus", "client-num-gpus")
 
 
 @dataclass

@@ -6,6 +6,11 @@
 The run config is parsed here, once, into a ``RunConfig`` and handed to the ServerApp object
 (``make_server_app(config)``): ``run_simulation`` gives the app an empty ``context.run_config``,
 and the ServerApp runs in a thread of this process. Clients get their knobs in each message.
+
+What Ray reserves per simulated client is the run config's ``client-num-cpus`` and
+``client-num-gpus``; ``--client-cpus N`` / ``--client-gpus N`` are shortcuts for
+``--set client-num-cpus=N`` / ``--set client-num-gpus=N``. (Under ``flwr run`` these keys are
+not used: the federation's ``options.backend.client-resources`` decide.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fl_sim.errors import ConfigError
@@ -55,7 +61,8 @@ examples:
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda=0.3
   fl-sim run --set experiment=single --set strategy=fednova --set num-rounds=5
   fl-sim run --config my.toml --set results-dir=runs/fednova --ray-address auto
-  RAY_ADDRESS=10.0.0.5:6379 fl-sim run --client-cpus 2 --client-gpus 0.25   # a Ray cluster
+  RAY_ADDRESS=10.0.0.5:6379 fl-sim run --set client-num-cpus=2 --set client-num-gpus=0.25
+                                               # a Ray cluster; --client-cpus 2 is the same
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda-grid=0.1,0.2,0.3
 
 run-config keys (TOML key = default):
@@ -96,16 +103,16 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--client-cpus",
         type=float,
-        default=1.0,
         metavar="N",
-        help="CPUs Ray reserves per client (default 1: clients run in parallel up to the cores)",
+        help="CPUs Ray reserves per client: shortcut for --set client-num-cpus=N, which it "
+        "overrides (default: the run config's, 1: clients run in parallel up to the cores)",
     )
     parser.add_argument(
         "--client-gpus",
         type=float,
-        default=0.0,
         metavar="N",
-        help="GPUs Ray reserves per client, fractional allowed, e.g. 0.25 (default 0)",
+        help="GPUs Ray reserves per client, fractional allowed, e.g. 0.25: shortcut for --set "
+        "client-num-gpus=N, which it overrides (default: the run config's, 0)",
     )
     parser.add_argument(
         "--resume",
@@ -121,13 +128,12 @@ def run(args: argparse.Namespace) -> int:
     from fl_sim.experiment import expand_experiment, table, write_experiment
 
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
+    overrides += resource_overrides(args.client_cpus, args.client_gpus)
     config = RunConfig.from_sources(args.config, overrides)
     results = simulate(
         expand_experiment(config),
         num_supernodes=args.num_supernodes,
         ray_address=args.ray_address,
-        client_cpus=args.client_cpus,
-        client_gpus=args.client_gpus,
         progress=not args.no_progress,
         verbose=args.verbose,
     )
@@ -141,6 +147,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {root / 'experiment.json'}, {root / 'experiment.csv'}")
     print(f"plots: {root / 'plots'}/")
     return 0
+
+
+def resource_overrides(client_cpus: float | None, client_gpus: float | None) -> list[str]:
+    """``--client-cpus`` / ``--client-gpus`` as ``--set`` overrides (None: keep the config's)."""
+    overrides = []
+    if client_cpus is not None:
+        overrides.append(f"client-num-cpus={float(client_cpus)!r}")
+    if client_gpus is not None:
+        overrides.append(f"client-num-gpus={float(client_gpus)!r}")
+    return overrides
 
 
 @contextmanager
@@ -163,8 +179,8 @@ def simulate(
     *,
     num_supernodes: int | None = None,
     ray_address: str | None = None,
-    client_cpus: float = 1.0,
-    client_gpus: float = 0.0,
+    client_cpus: float | None = None,
+    client_gpus: float | None = None,
     progress: bool = True,
     verbose: bool = False,
 ) -> list[dict[str, object]]:
@@ -177,11 +193,20 @@ def simulate(
     later runs of the sweep that start from the same weights reuse its Δ_t.
 
     ``ray_address`` (else ``$RAY_ADDRESS``) joins an existing Ray cluster (``ray start --head``)
-    instead of starting a private one; each client reserves ``client_cpus`` CPUs and
-    ``client_gpus`` GPUs of it, so at most ⌊cluster CPUs / client_cpus⌋ clients train at once.
+    instead of starting a private one; each client reserves the configs' ``client-num-cpus``
+    CPUs and ``client-num-gpus`` GPUs of it (one Ray backend: the configs must agree), so at
+    most ⌊cluster CPUs / client-num-cpus⌋ clients train at once. ``client_cpus`` /
+    ``client_gpus``, when given, override those keys in every config (and so in results.json).
     """
     if not configs:
         raise ConfigError("simulate: no run configs given")
+    changes = {
+        name: float(value)
+        for name, value in (("client_num_cpus", client_cpus), ("client_num_gpus", client_gpus))
+        if value is not None
+    }
+    if changes:  # validated as the run-config keys, with their messages
+        configs = [replace(config, **changes) for config in configs]
     first = configs[0]
     for config in configs[1:]:
         if config.suite_config() != first.suite_config():
@@ -189,15 +214,16 @@ def simulate(
                 "runs in one simulation must share task-suite, num-tasks and seed, got "
                 f"{config.suite_config()} after {first.suite_config()}"
             )
+        if _resources(config) != _resources(first):
+            raise ConfigError(
+                "runs in one simulation share one Ray backend and must agree on "
+                f"client-num-cpus and client-num-gpus, got {_resources(config)} after "
+                f"{_resources(first)}"
+            )
     dirs = [Path(c.results_dir).resolve() for c in configs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("runs in one simulation need distinct results-dir values")
     n = first.num_tasks if num_supernodes is None else num_supernodes
-    if not client_cpus > 0 or client_gpus < 0:
-        raise ConfigError(
-            f"client resources must be --client-cpus > 0 and --client-gpus ≥ 0, "
-            f"got {client_cpus} and {client_gpus}"
-        )
     if n != first.num_tasks:
         raise ConfigError(
             f"--num-supernodes {n} but num-tasks = {first.num_tasks}: one SuperNode per task "
@@ -212,7 +238,10 @@ def simulate(
     if ray_address:
         init_args["address"] = ray_address
     backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
+        "client_resources": {
+            "num_cpus": first.client_num_cpus,
+            "num_gpus": first.client_num_gpus,
+        },
         "init_args": init_args,
     }
     flower_logger = logging.getLogger("flwr")
@@ -239,6 +268,10 @@ def simulate(
         if bar is not None:
             bar.close()
     return [json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs]
+
+
+def _resources(config: RunConfig) -> dict[str, float]:
+    return {"client-num-cpus": config.client_num_cpus, "client-num-gpus": config.client_num_gpus}
 
 
 class _ProgressBar:

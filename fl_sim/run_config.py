@@ -345,6 +345,25 @@ class RunConfig:
         default="auto",
         metadata=_knob("server-device", "where the server aggregates: auto, cpu, cuda", kind="str"),
     )
+    client_num_cpus: float = field(
+        default=1.0,
+        metadata=_knob(
+            "client-num-cpus",
+            "CPUs Ray reserves per simulated client, > 0 (fl-sim run; under `flwr run` the "
+            "federation's options.backend.client-resources decide)",
+            kind="float",
+        ),
+    )
+    client_num_gpus: float = field(
+        default=0.0,
+        metadata=_knob(
+            "client-num-gpus",
+            "GPUs Ray reserves per simulated client, ≥ 0, fractional allowed, e.g. 0.25 "
+            "(fl-sim run; under `flwr run` the federation's options.backend.client-resources "
+            "decide)",
+            kind="float",
+        ),
+    )
     eval_split: str = field(
         default="val",
         metadata=_knob(
@@ -629,6 +648,16 @@ class RunConfig:
             raise ConfigError(
                 f"fail-client must be a task index < num-tasks = {self.num_tasks} or -1, "
                 f"got {self.fail_client}"
+            )
+        if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
+            raise ConfigError(
+                f"client-num-cpus must be a finite number > 0, got {self.client_num_cpus} "
+                "(set client-num-cpus=1)"
+            )
+        if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
+            raise ConfigError(
+                f"client-num-gpus must be a finite number ≥ 0 (fractions share a GPU), got "
+                f"{self.client_num_gpus} (set client-num-gpus=0)"
             )
         self.faults()  # byzantine, crash and slow entries are checked here, once
         if not (math.isfinite(self.round_timeout) and self.round_timeout >= 0):

@@ -100,6 +100,8 @@ class RoundRecord:
     failures: int = 0
     cached: list[bool] = field(default_factory=list)  # Δ_t came from the update cache
     client_evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
+    train_seconds: list[float] = field(default_factory=list)  # each client's local training
+    client_seconds: list[float] = field(default_factory=list)  # each client's whole handler
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -343,6 +345,8 @@ class RuleStrategy(Strategy):
                 aggregation_seconds=seconds,
                 failures=sum(f.round == server_round for f in self.failures),
                 cached=[bool(m.get("cached", 0)) for m in metrics],
+                train_seconds=[float(m.get("train-seconds", 0.0)) for m in metrics],
+                client_seconds=[float(m.get("client-seconds", 0.0)) for m in metrics],
             )
         )
         record = self.rounds[-1]

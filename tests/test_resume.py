@@ -63,7 +63,8 @@ def round_metrics(results: dict) -> list[dict]:
     rows = []
     for entry in results["rounds"]:
         training = dict(entry.get("training") or {})
-        training.pop("aggregation_seconds", None)
+        for timing in ("aggregation_seconds", "train_seconds", "client_seconds"):
+            training.pop(timing, None)
         rows.append({"round": entry["round"], "splits": entry["splits"], "training": training})
     return rows
 

@@ -36,6 +36,9 @@ def suite():
     return make_suite("toy", num_tasks=T, seed=0)
 
 
+TRAINING_VARIES = ("cached", "train_seconds", "client_seconds")
+
+
 def comparable(results: dict) -> dict:
     """results.json without what may differ between two identical runs (times, folders, cache)."""
     drop = {"timings", "update_cache", "config", "files"}
@@ -43,7 +46,7 @@ def comparable(results: dict) -> dict:
     kept["rounds"] = [
         {k: v for k, v in entry.items() if k not in ("timings", "update_cache")}
         | (
-            {"training": {k: v for k, v in entry["training"].items() if k != "cached"}}
+            {"training": {k: v for k, v in entry["training"].items() if k not in TRAINING_VARIES}}
             if "training" in entry
             else {}
         )
