@@ -47,7 +47,7 @@ import fl_sim
 from clients.update_cache import hash_tensors, resolve_cache_dir
 from fl_sim.array_records import record_to_tensors, tensors_to_record
 from fl_sim.atomic_write import write_atomically
-from fl_sim.diagnostics import gradient_diversity, gradient_gram, task_gradients
+from fl_sim.diagnostics import measure as measure_diversity
 from fl_sim.round_checkpoint import read_checkpoint, write_checkpoint
 from fl_sim.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.run_config import RunConfig
@@ -448,26 +448,22 @@ class RunRecorder:
         return rows
 
 
-_GRAMS: dict[tuple[object, ...], torch.Tensor] = {}  # θ₀'s is shared by every run of a sweep
+_DIVERSITY: dict[tuple[object, ...], dict[str, object]] = {}  # θ₀'s: shared by a sweep's runs
 
 
 def gradient_diversity_at(
     suite: TaskSuite, config: RunConfig, state: Mapping[str, torch.Tensor], weights: list[float]
 ) -> dict[str, object]:
-    """``fl_sim.diagnostics`` at ``state``; the Gram matrix is memoised per suite and weights."""
+    """``fl_sim.diagnostics.measure`` at ``state``, memoised per suite, batch, state and weights."""
     key = (
         tuple(sorted(config.suite_config().items())),
         config.diagnostic_batch,
         hash_tensors(state),
+        tuple(weights),
     )
-    if key not in _GRAMS:
-        _GRAMS[key] = gradient_gram(task_gradients(suite, state, config.diagnostic_batch))
-    return {
-        **gradient_diversity(_GRAMS[key], weights),
-        "batch_size": [
-            min(config.diagnostic_batch, suite.num_examples(t)) for t in range(suite.num_tasks)
-        ],
-    }
+    if key not in _DIVERSITY:
+        _DIVERSITY[key] = measure_diversity(suite, state, weights, config.diagnostic_batch)
+    return dict(_DIVERSITY[key])
 
 
 def run_federation(

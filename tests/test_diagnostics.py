@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_federation import InProcessGrid, config, isolated_cache, task_identity  # noqa: F401 (fixtures)
 
-from fl_sim.diagnostics import measure
+from fl_sim.diagnostics import gradient_diversity, measure
 from fl_sim.server_app import run_federation
 from fl_sim.tasks import make_suite
 
@@ -75,6 +75,26 @@ def test_gradient_diversity_is_zero_when_all_tasks_are_identical():
     measured = measure(suite, suite.initial_state(), [1 / T] * T, BATCH)
     assert measured["mean_square_norm"] > 0
     assert measured["zeta_square"] == pytest.approx(0.0, abs=1e-12 * measured["mean_square_norm"])
+
+
+def test_gradient_diversity_folds_a_stream_and_equals_the_hand_computed_value():
+    """Two tasks, one 2-vector each, given as a generator (one pass, nothing kept):
+    g₁ = (1, 0), g₂ = (0, 2), p = (¾, ¼): ḡ = (¾, ½), Σ p‖g‖² = ¾ + 1 = 1.75,
+    ‖ḡ‖² = 9/16 + 1/4 = 0.8125, ζ² = 0.9375."""
+    stream = ([torch.tensor([x, y])] for x, y in ((1.0, 0.0), (0.0, 2.0)))
+    measured = gradient_diversity(stream, [3.0, 1.0])
+    assert measured["mean_square_norm"] == pytest.approx(1.75, abs=1e-15)
+    assert measured["mean_gradient_square_norm"] == pytest.approx(0.8125, abs=1e-15)
+    assert measured["zeta_square"] == pytest.approx(0.9375, abs=1e-15)
+    assert measured["gradient_norms"] == pytest.approx([1.0, 2.0])
+    assert measured["weights"] == pytest.approx([0.75, 0.25])
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_gradient_diversity_needs_one_gradient_per_weight(count):
+    stream = ([torch.ones(2)] for _ in range(count))
+    with pytest.raises(ValueError, match="weights"):
+        gradient_diversity(stream, [0.5, 0.5])
 
 
 def test_results_hold_diversity_at_theta0_and_at_the_merged_model(tmp_path):
