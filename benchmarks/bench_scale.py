@@ -421,8 +421,9 @@ def plot(points: Sequence[Mapping[str, object]], path: Path) -> None:
         (time_axis, "steady round (s, without evaluation)"),
         (memory_axis, "peak memory rise (GiB)"),
     ):
-        axis.set_xscale("log", base=2)
         axis.set_xlabel("clients T")
+        axis.set_xlim(left=0)
+        axis.set_ylim(bottom=0)
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -460,9 +461,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="OUT", help="write every figure to OUT")
     parser.add_argument("--csv", metavar="OUT", help="one row per point and round")
     parser.add_argument("--plot", metavar="OUT.png", help="time and memory against T")
+    parser.add_argument(
+        "--from-json", metavar="IN", help="no runs: print, --csv and --plot a saved --json"
+    )
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: run one point
     args = parser.parse_args(argv)
-    if args.point is None:
+    if args.point is None and args.from_json is None:
         models = parse_list(args.models, str)
         unknown = [m for m in models if m not in MODELS]
         if unknown or not models:
@@ -481,6 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.point is not None:
         figures = run_point(json.loads(Path(args.point).read_text(encoding="utf-8")))
         print(json.dumps(figures))
+        return 0
+    if args.from_json is not None:
+        points = json.loads(Path(args.from_json).read_text(encoding="utf-8"))["points"]
+        print(table(points))
+        if args.csv:
+            write_csv(points, Path(args.csv))
+        if args.plot:
+            plot(points, Path(args.plot))
         return 0
     from tqdm import tqdm
 
