@@ -110,7 +110,7 @@ def write_tasks(folder: Path, count: int, rows: int, seed: int = 0) -> list[Path
     return paths
 
 
-def write_base_model(folder: Path, seed: int = 0) -> Path:
+def write_base_model(folder: Path, seed: int = 0, shape: Mapping[str, int] = BASE_SHAPE) -> Path:
     """A BERT-base-shaped ``BertModel`` (random, seeded) + MiniLM's tokenizer, as an HF folder."""
     if (folder / "config.json").is_file():
         return folder
@@ -120,7 +120,7 @@ def write_base_model(folder: Path, seed: int = 0) -> Path:
     from fl_sim.pretrained_encoders import minilm_folder
 
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(**BASE_SHAPE), add_pooling_layer=False)
+    model = BertModel(BertConfig(**shape), add_pooling_layer=False)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
