@@ -44,7 +44,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import io
 import json
+import math
 import os
 import random
 import resource
@@ -57,6 +59,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from fl_sim.atomic_write import write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("minilm", "base")
@@ -169,7 +173,7 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
     if result["status"] != "completed":
         raise RuntimeError(f"the job did not complete: {result['error']}")
     with safe_open(str(results_dir / "global_model.safetensors"), framework="pt") as file:
-        federated = sum(_numel(file.get_slice(name).get_shape()) for name in file.keys())  # noqa: SIM118
+        federated = sum(math.prod(file.get_slice(name).get_shape()) for name in file.keys())  # noqa: SIM118
     with safe_open(str(results_dir / "base.safetensors"), framework="pt") as file:
         shapes = [file.get_slice(name).get_shape() for name in file.keys()]  # noqa: SIM118
     rounds = []
@@ -193,19 +197,12 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
         )
     return {
         "federated_parameters": federated,
-        "base_parameters": sum(_numel(shape) for shape in shapes),
+        "base_parameters": sum(math.prod(shape) for shape in shapes),
         "rounds": rounds,
         "job_seconds": wall,
         "total_seconds": result["timings"]["total_seconds"],  # type: ignore[index]
         "driver_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
     }
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= int(size)
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,14 +389,13 @@ def write_csv(points: Sequence[Mapping[str, object]], path: Path) -> None:
         "train_seconds_sum", "peak_tree_pss_gib", "peak_used_rise_gib", "peak_worker_pss_gib",
         "driver_peak_rss_gib", "skipped",
     ]  # fmt: skip
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8", newline="") as file:
-        writer = csv.DictWriter(file, columns, extrasaction="ignore")
-        writer.writeheader()
-        for p in points:
-            for entry in p.get("rounds") or [{}]:  # type: ignore[attr-defined]
-                writer.writerow({**p, **entry})
-    os.replace(partial, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    for p in points:
+        for entry in p.get("rounds") or [{}]:  # type: ignore[attr-defined]
+            writer.writerow({**p, **entry})
+    write_atomically(path, text.getvalue())
 
 
 def plot(points: Sequence[Mapping[str, object]], path: Path) -> None:
@@ -556,9 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "points": points,
     }
     if args.json:
-        partial = Path(args.json + ".partial")
-        partial.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        os.replace(partial, args.json)
+        write_atomically(Path(args.json), json.dumps(report, indent=2))
     if args.csv:
         write_csv(points, Path(args.csv))
     if args.plot:

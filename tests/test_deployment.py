@@ -31,38 +31,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_flwr_run import free_port, running, started_under, stop_processes
+from test_flwr_run import (
+    SHORT_RUN,
+    free_port,
+    run_config_text,
+    running,
+    started_under,
+    stop_processes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-T = 2
+T = SHORT_RUN["num-tasks"]
 FEDERATION = "deploy"
 START_TIMEOUT = 60  # seconds for the SuperLink to listen
 FLWR_RUN_TIMEOUT = 180  # seconds; ~40 s on 2 cores (a flwr-clientapp process per message)
-RUN_CONFIG = {
-    "experiment": "single",
-    "task-suite": "toy",
-    "optimizer": "sgd",
-    "preset": "none",
-    "lr": 0.05,
-    "local-steps": 8,
-    "num-tasks": T,
-    "strategy": "fedavg",
-    "num-rounds": 1,
-    "update-cache": False,  # clients must train, not replay a cached Δ_t
-}
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
-
-
-def run_config_text(values: dict[str, object]) -> str:
-    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+RUN_CONFIG = SHORT_RUN  # T = 2 toy clients, one-shot fedavg
 
 
 @dataclass

@@ -39,6 +39,33 @@ default = "{FEDERATION}"
 [superlink.{FEDERATION}]
 address = ":local:"
 """
+# A short one-shot federation on the toy suite: the end-to-end tests of other engines (the
+# deployment engine, a Ray cluster) run it and compare with the simulation.
+SHORT_RUN = {
+    "experiment": "single",
+    "task-suite": "toy",
+    "optimizer": "sgd",
+    "preset": "none",
+    "lr": 0.05,
+    "local-steps": 8,
+    "num-tasks": 2,
+    "strategy": "fedavg",
+    "num-rounds": 1,
+    "update-cache": False,  # clients must train, not replay a cached Δ_t
+}
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return repr(value)
+
+
+def run_config_text(values: dict[str, object]) -> str:
+    """``values`` as `flwr run --run-config` text: key=value pairs, TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
 def free_port() -> int:
@@ -153,10 +180,10 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 @pytest.mark.slow
 def test_flwr_run_task_arithmetic_equals_theta0_plus_lambda_sum_of_task_vectors(tmp_path, flwr_env):
     results_dir = (tmp_path / "run").resolve()  # absolute: the ServerApp runs elsewhere
-    run_config = 'experiment="single" task-suite="toy" optimizer="sgd" preset="none" '
-    run_config += "lr=0.05 local-steps=8 "
-    run_config += f'strategy="task_arithmetic" lambda={LAM} num-tasks={T} num-rounds=1 '
-    run_config += f'results-dir="{results_dir}"'
+    run_config = run_config_text(
+        {**SHORT_RUN, "strategy": "task_arithmetic", "lambda": LAM, "num-tasks": T,
+         "update-cache": True, "results-dir": str(results_dir)}
+    )  # fmt: skip
     federation_config = (
         f"num-supernodes={T} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
     )

@@ -24,27 +24,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_flwr_run import free_port, running, started_under, stop_processes
+from test_flwr_run import SHORT_RUN, free_port, running, started_under, stop_processes
 
 from fl_sim.errors import ConfigError
 from fl_sim.run_command import simulate
 from fl_sim.run_config import RunConfig
 
 BIN = Path(sys.executable).parent
-T = 2
+T = SHORT_RUN["num-tasks"]
 RAY_START_TIMEOUT = 120  # seconds; ~10 s on 2 cores
-RUN_CONFIG = {
-    "experiment": "single",
-    "task-suite": "toy",
-    "optimizer": "sgd",
-    "preset": "none",
-    "lr": 0.05,
-    "local-steps": 8,
-    "num-tasks": T,
-    "strategy": "fedavg",
-    "num-rounds": 1,
-    "update-cache": False,
-}
+RUN_CONFIG = SHORT_RUN  # T = 2 toy clients, one-shot fedavg
 
 
 @pytest.fixture
