@@ -5,10 +5,11 @@
 
 For every toy-suite size (``--hidden``) it runs two jobs of the default run config (fedavg, one
 client per task, the clients' update cache off so that every run trains): one-shot (R = 1, Task
-Arithmetic's shape) and R = ``--rounds`` rounds, each through ``fl_sim.run_command.simulate``
+Arithmetic's shape) and R = ``--rounds`` rounds, each through ``fl_sim.cli.run.simulate``
 (Flower's simulation engine on Ray, one Ray start per job, as ``fl-sim run`` does) and through
-``fl_sim.reference.run_reference`` (no Flower, no Ray), in this process, back to back. It prints
-the largest |θ_Flower − θ_reference|, the overhead ratio Flower / reference (whole job; without
+``fl_sim.federation.reference.run_reference`` (no Flower, no Ray), in this process, back to back.
+It prints the largest |θ_Flower − θ_reference|, the overhead ratio Flower / reference (whole job;
+without
 start-up and tear-down; per round after round 1), and a table of wall-clock seconds that add up
 to each job's wall time:
 
@@ -201,7 +202,7 @@ def rebind(log: SpanLog, targets: Sequence[tuple[object, str, str]]) -> list[tup
 
 def size_toy_suite(size: str | None) -> None:
     """Make ``make_suite("toy", ...)`` build a ToySuite of ``"dim,hidden"`` (None: as shipped)."""
-    import fl_sim.tasks as tasks
+    import fl_sim.suites.base as tasks
 
     if size:
         dim, hidden = (int(x) for x in size.split(","))
@@ -214,8 +215,8 @@ def worker_setup() -> None:
     """Ray's worker_process_setup_hook: time the ClientApp's pieces, size the toy suite."""
     import clients.client_app  # noqa: F401  (loads every module the ClientApp uses)
     import clients.local_training as local_training
-    import fl_sim.array_records as array_records
-    import fl_sim.tasks as tasks
+    import fl_sim.checkpoints.array_records as array_records
+    import fl_sim.suites.base as tasks
 
     size_toy_suite(os.environ.get(ENV_TOY_SIZE))
     log = SpanLog(Path(os.environ[ENV_SPAN_DIR]) / f"worker-{os.getpid()}.jsonl")
@@ -261,13 +262,13 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
     """One ``simulate`` job on a Ray this function starts; the wall clock split into ROWS."""
     import ray
 
-    import fl_sim.array_records as array_records
-    import fl_sim.safetensors_io as safetensors_io
-    import fl_sim.server_app as server_app
-    import fl_sim.tasks as tasks
+    import fl_sim.checkpoints.array_records as array_records
+    import fl_sim.checkpoints.safetensors_io as safetensors_io
+    import fl_sim.federation.server_app as server_app
+    import fl_sim.suites.base as tasks
     import strategies.flower_strategy as flower_strategy
     import strategies.streaming as streaming
-    from fl_sim.run_command import flower_environment, simulate
+    from fl_sim.cli.run import flower_environment, simulate
 
     span_dir.mkdir(parents=True)
     log = SpanLog()
@@ -348,8 +349,8 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
 
 def run_plain(config: object, suite_factory: Callable[[], object]) -> dict[str, object]:
     """``run_reference`` on the same knobs; returns its timings and final state."""
-    import fl_sim.reference as reference
-    import fl_sim.tasks as tasks
+    import fl_sim.federation.reference as reference
+    import fl_sim.suites.base as tasks
     from strategies.registry import RuleConfig
 
     log = SpanLog()
@@ -434,8 +435,8 @@ def steady_round(round_seconds: Sequence[float]) -> float:
 def run_size(args: argparse.Namespace, hidden: int, work: Path) -> dict[str, object]:
     from safetensors.torch import load_file
 
-    from fl_sim.run_config import RunConfig
-    from fl_sim.tasks import make_suite
+    from fl_sim.config.run_config import RunConfig
+    from fl_sim.suites.base import make_suite
 
     toy_size = f"{args.dim},{hidden}"
     size_toy_suite(toy_size)
@@ -586,8 +587,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_federation.py",
         description=(
-            "Run the same federated job through Flower + Ray (fl_sim.run_command.simulate) and "
-            "through the plain-PyTorch reference loop (fl_sim.reference.run_reference); check "
+            "Run the same federated job through Flower + Ray (fl_sim.cli.run.simulate) and "
+            "through the plain-PyTorch reference loop "
+            "(fl_sim.federation.reference.run_reference); check "
             "the final weights agree and show the overhead and where the time goes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -626,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import flwr.simulation  # noqa: F401
     import ray  # noqa: F401
 
-    import fl_sim.run_command  # noqa: F401  (Flower, Ray and the apps: imported once, untimed)
+    import fl_sim.cli.run  # noqa: F401  (Flower, Ray and the apps: imported once, untimed)
 
     imports = time.time() - import_start
     keep = tempfile.mkdtemp(prefix="bench-federation-") if args.keep else None

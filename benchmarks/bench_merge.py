@@ -12,7 +12,7 @@ The issue's goals, each checked in one run on BERT-shaped checkpoints made here:
 Input bytes are the T + 1 checkpoints (base and T fine-tuned models) and GB/s = input bytes / wall
 time, counted once per merge however often a rule reads them: cclip reads its input L + 1 times,
 so the table also shows the passes and the GB/s actually streamed. The goals are judged on
-``fl_sim.merge.run_merge`` (opening, merging and writing the output), with and without the task-
+``fl_sim.merge.run.run_merge`` (opening, merging and writing the output), with and without the task-
 vector statistics (the ``--no-stats`` path); the "engine" column times ``aggregate_model`` alone
 with its output discarded, to show what the writing costs. The whole process is ``fl-sim merge``
 run as a subprocess, whose wall time and peak RSS a small launcher reports.
@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fl_sim.checkpoints import check_compatible, open_checkpoint
-from fl_sim.merge import run_merge
-from fl_sim.merge_options import build_merge_options
-from fl_sim.safetensors_io import SafetensorsFile, save_tensors
+from fl_sim.checkpoints.model_checkpoint import check_compatible, open_checkpoint
+from fl_sim.checkpoints.safetensors_io import SafetensorsFile, save_tensors
+from fl_sim.merge.options import build_merge_options
+from fl_sim.merge.run import run_merge
 from strategies.registry import RULE_NAMES, make_rule
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
 
@@ -368,7 +368,7 @@ def time_engine(
 
 def fl_sim_command() -> list[str]:
     script = Path(sys.executable).with_name("fl-sim")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "fl_sim.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fl_sim.cli.main"]
 
 
 # A child's ru_maxrss starts at its parent's RSS when it forks (Linux keeps the high-water mark

@@ -4,7 +4,7 @@
         [--rounds 2] [--local-steps 1] [--batch-size 4] [--memory-budget-gib 18]
         [--json OUT] [--csv OUT] [--plot OUT.png]
 
-Every point (model, T) is one ``fl-sim run`` job in a fresh process (``fl_sim.run_command.
+Every point (model, T) is one ``fl-sim run`` job in a fresh process (``fl_sim.cli.run.
 simulate``: Flower's simulation engine on a private Ray, one client per task, one CPU each):
 fedavg, ``--rounds`` rounds, the whole encoder federated (``federated-layers = all``, so the
 update Δ_t is model-sized), AdamW, the update cache off so that every client trains.
@@ -60,7 +60,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fl_sim.atomic_write import write_atomically
+from fl_sim.outputs import write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("minilm", "base")
@@ -121,7 +121,7 @@ def write_base_model(folder: Path, seed: int = 0, shape: Mapping[str, int] = BAS
     import torch
     from transformers import BertConfig, BertModel
 
-    from fl_sim.pretrained_encoders import minilm_folder
+    from fl_sim.suites.encoders import minilm_folder
 
     torch.manual_seed(seed)
     model = BertModel(BertConfig(**shape), add_pooling_layer=False)
@@ -145,8 +145,8 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
     """Run one job (in this process) and return its figures (module docstring)."""
     from safetensors import safe_open
 
-    from fl_sim.run_command import simulate
-    from fl_sim.run_config import RunConfig
+    from fl_sim.cli.run import simulate
+    from fl_sim.config.run_config import RunConfig
 
     results_dir = Path(str(spec["results_dir"]))
     config = RunConfig.from_mapping(

@@ -9,15 +9,17 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
   a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
   loss-after, and cached (1 when Δ_t came from the update cache, clients/update_cache.py:
   ``update-cache`` and ``cache-dir`` in the ConfigRecord; off when the server sends none);
-  Declared faults (fl_sim/fault_injection.py) arrive in the ConfigRecord: ``inject-failure``
-  (raise), ``byzantine`` + ``attack-seed`` (the reply carries the attacked Δ_t, applied after
+  Declared faults (fl_sim/federation/fault_injection.py) arrive in the ConfigRecord:
+  ``inject-failure`` (raise), ``byzantine`` + ``attack-seed`` (the reply carries the attacked Δ_t,
+  applied after
   honest training) and ``slow-seconds`` (sleep before replying);
 - ``evaluate``: the loss and accuracy of the received model on its task's val or test split
   (shared-head: the one task's).
 
 Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
 config once), so it runs the same under run_simulation, ``flwr run`` and deployment. The task
-suite is built from the message's suite keys (``fl_sim.suite_config.build_suite``: suite, model,
+suite is built from the message's suite keys (``fl_sim.suites.suite_config.build_suite``: suite,
+model,
 data paths, federated layers, mixing, shared head, Dirichlet split), once per process and
 config. One torch thread per client: clients share cores.
 """
@@ -33,11 +35,11 @@ from flwr.clientapp import ClientApp
 
 from clients.knobs import knobs_from_config
 from clients.update_cache import UpdateCache, cached_fine_tune
-from fl_sim.array_records import record_to_tensors, tensors_to_record
+from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
-from fl_sim.fault_injection import attack_update
-from fl_sim.suite_config import ConfigValue, build_suite, complete
-from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
+from fl_sim.federation.fault_injection import attack_update
+from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
+from fl_sim.suites.suite_config import ConfigValue, build_suite, complete
 
 app = ClientApp()
 
@@ -53,7 +55,7 @@ def cached_suite(suite_config: tuple[tuple[str, ConfigValue], ...]) -> TaskSuite
 
 
 def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
-    """The suite keys of the message (fl_sim/suite_config.py), optional ones defaulted."""
+    """The suite keys of the message (fl_sim/suites/suite_config.py), optional ones defaulted."""
     return complete(config)
 
 

@@ -30,7 +30,7 @@ import torch
 from clients.a_norm import a_norm_of
 from clients.knobs import TrainingKnobs
 from clients.schedules import learning_rates
-from fl_sim.tasks import (
+from fl_sim.suites.base import (
     MultiTaskModel,
     TaskSuite,
     batch_loss,

@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors
 import fl_sim
 from clients.knobs import TrainingKnobs, knobs_to_config
 from clients.local_training import LocalResult, fine_tune
-from fl_sim.tasks import TaskSuite
+from fl_sim.suites.base import TaskSuite
 
 CACHE_VERSION = 1  # bump when local training changes what it returns for the same inputs
 _log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ _log = logging.getLogger(__name__)
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """``cache-dir``; '' or None: the user cache dir vit-digits uses ($FL_SIM_CACHE, ...)."""
     if cache_dir is None or not str(cache_dir).strip():
-        from fl_sim.vit_digits import default_cache_dir
+        from fl_sim.suites.vit_digits import default_cache_dir
 
         return default_cache_dir()
     return Path(cache_dir).expanduser()
@@ -99,7 +99,7 @@ def suite_identity(suite: TaskSuite) -> dict[str, object]:
 def _model_description(suite: TaskSuite) -> object:
     suite = getattr(suite, "base_suite", suite)  # shared-head: the suite it splits a task of
     if suite.name == "digits":
-        from fl_sim.vit_digits import pretrained
+        from fl_sim.suites.vit_digits import pretrained
 
         key = pretrained(suite.spec, suite.seed, suite.cache_dir).key  # type: ignore[attr-defined]
         return {"vit-digits-key": key, "heads": suite.heads_kind}  # type: ignore[attr-defined]

@@ -22,9 +22,9 @@ own figures and the aggregation time.
 β search (``server-lr-grid``; task_arithmetic: ``lambda-grid``, β = λT), one-shot runs only: round
 1 aggregates A once (``strategies/server_step.py``), the ``select_server_lr`` callback (the
 ServerApp, on validation data) picks a grid point, and the round's model is θ₀ + β·A.
-Declared faults (``byzantine``, ``crash``, ``slow``; fl_sim/fault_injection.py) go to each client
-in its ConfigRecord. ``start`` can resume at a later round (fl_sim/round_checkpoint.py) with the
-state of ``checkpoint_state``/``restore_state``.
+Declared faults (``byzantine``, ``crash``, ``slow``; fl_sim/federation/fault_injection.py) go to
+each client in its ConfigRecord. ``start`` can resume at a later round
+(fl_sim/federation/round_checkpoint.py) with the state of ``checkpoint_state``/``restore_state``.
 A failed client (an error reply, a reply without Δ_t, an update whose tensors do not match θʳ,
 a non-finite update, checked before aggregation: "non-finite update", or no reply before
 ``round-timeout``) is logged and recorded (round, node, task, reason); the round goes on if at
@@ -49,10 +49,10 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from clients.knobs import knobs_to_config
-from fl_sim.array_records import array_to_tensor, record_to_tensors, tensors_to_record
+from fl_sim.checkpoints.array_records import array_to_tensor, record_to_tensors, tensors_to_record
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import FlSimError
-from fl_sim.heterogeneity import chi_square, effective_weights
-from fl_sim.run_config import RunConfig
+from fl_sim.federation.heterogeneity import chi_square, effective_weights
 from strategies.fedavg import task_arithmetic_server_lr
 from strategies.registry import RuleConfig, make_rule
 from strategies.rule import Rule, client_weights
@@ -164,7 +164,7 @@ class RuleStrategy(Strategy):
     ) -> None:
         """Hook after aggregation (cclip keeps A for the next round's v₀)."""
 
-    # -- checkpoint (fl_sim/round_checkpoint.py) ------------------------------------------------
+    # -- checkpoint (fl_sim/federation/round_checkpoint.py) -----------------------------------
 
     def checkpoint_state(self) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
         """What a resumed run needs besides θʳ: the JSON part and the tensors (cclip's v₀)."""
@@ -274,7 +274,7 @@ class RuleStrategy(Strategy):
             record["full-batch"] = self.config.full_batch
             record["update-cache"] = self.config.update_cache
             record["cache-dir"] = self.config.cache_dir
-            # declared faults (fl_sim/fault_injection.py); the client applies them
+            # declared faults (fl_sim/federation/fault_injection.py); the client applies them
             record["inject-failure"] = (t, server_round) in self.faults.crash
             record["byzantine"] = self.faults.byzantine.get(t, "")
             record["attack-seed"] = self.config.seed + t + server_round

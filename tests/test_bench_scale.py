@@ -24,7 +24,7 @@ def bench():
 
 
 def test_generated_tasks_are_deterministic_balanced_local_tasks(bench, tmp_path):
-    from fl_sim.local_data import read_local_tasks
+    from fl_sim.suites.local_data import read_local_tasks
 
     paths = bench.write_tasks(tmp_path / "a", 3, rows=30)
     again = bench.write_tasks(tmp_path / "b", 3, rows=30)
@@ -72,7 +72,7 @@ def test_tree_pss_counts_a_child_process(bench):
 
 
 def test_the_bert_base_shaped_folder_loads_as_a_text_model(bench, tmp_path):
-    from fl_sim.pretrained_encoders import load_pretrained
+    from fl_sim.suites.encoders import load_pretrained
 
     tiny = {**bench.BASE_SHAPE, "hidden_size": 32, "num_hidden_layers": 2,
             "num_attention_heads": 2, "intermediate_size": 64}  # fmt: skip

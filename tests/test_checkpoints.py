@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from fl_sim.checkpoints import (
+from fl_sim.checkpoints.model_checkpoint import (
     Checkpoint,
     atomic_output,
     check_compatible,
     copy_model_files,
     open_checkpoint,
 )
+from fl_sim.checkpoints.safetensors_io import save_tensors
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.safetensors_io import save_tensors
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,15 @@ import torch
 from flwr.app import ConfigRecord
 from test_federation import InProcessGrid, task_identity  # noqa: F401  (a fixture)
 
-import fl_sim.tasks as tasks_module
+import fl_sim.suites.base as tasks_module
 from clients.client_app import suite_config_of, suite_from_config
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune, generator_seed, make_optimizer, minibatches
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
-from fl_sim.partition import dirichlet_partition, label_entropy, mixing_subset
-from fl_sim.reference import run_reference
-from fl_sim.run_config import RunConfig
-from fl_sim.server_app import run_federation
-from fl_sim.shared_head_suite import SharedHeadSuite
-from fl_sim.suite_config import SUITE_DEFAULTS, build_suite
-from fl_sim.tasks import (
+from fl_sim.federation.reference import run_reference
+from fl_sim.federation.server_app import run_federation
+from fl_sim.suites.base import (
     SHARED_HEAD_PREFIX,
     ToySuite,
     evaluate,
@@ -34,6 +31,9 @@ from fl_sim.tasks import (
     make_suite,
     task_loss,
 )
+from fl_sim.suites.partition import dirichlet_partition, label_entropy, mixing_subset
+from fl_sim.suites.shared_head import SharedHeadSuite
+from fl_sim.suites.suite_config import SUITE_DEFAULTS, build_suite
 from strategies.registry import RuleConfig
 
 T = 3
@@ -143,7 +143,7 @@ def test_mixing_half_adds_floor_half_of_every_other_task_the_same_subset_for_all
 
 
 def test_mixed_batch_loss_is_the_mean_over_examples_each_by_its_own_head():
-    from fl_sim.tasks import batch_loss
+    from fl_sim.suites.base import batch_loss
 
     suite = make_suite("toy", num_tasks=T, seed=0, mixing=0.5)
     groups = suite.training_groups(1)

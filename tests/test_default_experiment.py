@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from fl_sim.cli import main
+from fl_sim.cli.main import main
 
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -1,5 +1,5 @@
-"""Gradient diversity ζ² = Σ_t p_t ‖g_t − ḡ‖² (fl_sim/diagnostics.py) against an independent
-computation, and in results.json."""
+"""Gradient diversity ζ² = Σ_t p_t ‖g_t − ḡ‖² (fl_sim/federation/diagnostics.py) against an
+independent computation, and in results.json."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from test_federation import InProcessGrid, config, isolated_cache, task_identity  # noqa: F401 (fixtures)
 
-from fl_sim.diagnostics import gradient_diversity, measure
-from fl_sim.server_app import run_federation
-from fl_sim.tasks import make_suite
+from fl_sim.federation.diagnostics import gradient_diversity, measure
+from fl_sim.federation.server_app import run_federation
+from fl_sim.suites.base import make_suite
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
 T = 3

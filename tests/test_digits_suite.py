@@ -13,10 +13,10 @@ import json
 import pytest
 import torch
 
-from fl_sim import digits_data, vit_digits
-from fl_sim.digits_suite import DigitsSuite, linear_probe_accuracy
 from fl_sim.errors import ConfigError
-from fl_sim.tasks import FEDERATED_PREFIX, evaluate, federated_state, make_suite
+from fl_sim.suites import digits_data, vit_digits
+from fl_sim.suites.base import FEDERATED_PREFIX, evaluate, federated_state, make_suite
+from fl_sim.suites.digits import DigitsSuite, linear_probe_accuracy
 
 NUM_TASKS = 8
 # a smaller, faster pre-training than the default, same code path (the key differs, so the

@@ -1,4 +1,5 @@
-"""Declared faults (fl_sim/fault_injection.py): Byzantine updates, crashes and slow clients.
+"""Declared faults (fl_sim/federation/fault_injection.py): Byzantine updates, crashes and slow
+clients.
 
 In-process (``InProcessGrid``: the real ClientApp and ServerApp, no Ray). The claims:
 a non-finite update never reaches the global model; crashed and timed-out clients are recorded
@@ -26,8 +27,13 @@ from test_federation import (  # noqa: F401  (fixtures)
 )
 
 from fl_sim.errors import ConfigError
-from fl_sim.fault_injection import attack_update, parse_byzantine, parse_crash, parse_slow
-from fl_sim.server_app import run_federation
+from fl_sim.federation.fault_injection import (
+    attack_update,
+    parse_byzantine,
+    parse_crash,
+    parse_slow,
+)
+from fl_sim.federation.server_app import run_federation
 
 
 def global_model(results_dir) -> dict[str, torch.Tensor]:

@@ -23,13 +23,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from clients.client_app import app as client_app
-from fl_sim.array_records import record_to_tensors, tensors_to_record
-from fl_sim.cli import main as cli_main
+from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
+from fl_sim.cli.main import main as cli_main
+from fl_sim.config.run_config import RunConfig, help_text, parse_override, read_toml, toml_table
 from fl_sim.errors import ConfigError
-from fl_sim.reference import run_reference
-from fl_sim.run_config import RunConfig, help_text, parse_override, read_toml, toml_table
-from fl_sim.server_app import run_federation
-from fl_sim.tasks import make_suite
+from fl_sim.federation.reference import run_reference
+from fl_sim.federation.server_app import run_federation
+from fl_sim.suites.base import make_suite
 from strategies.flower_strategy import (
     CClipStrategy,
     FederationError,
@@ -327,7 +327,7 @@ def test_client_evaluate_reports_its_task_accuracy(task_identity):
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory):
-    from fl_sim.run_command import simulate
+    from fl_sim.cli.run import simulate
 
     root = tmp_path_factory.mktemp("federation")
     runs = {

@@ -17,11 +17,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_sim.cli import main as cli_main
+from fl_sim.checkpoints.safetensors_io import save_tensors
+from fl_sim.cli.main import main as cli_main
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import FlSimError
-from fl_sim.merge_options import read_train_meta
-from fl_sim.run_config import RunConfig
-from fl_sim.safetensors_io import save_tensors
+from fl_sim.merge.options import read_train_meta
 
 FUZZ = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -13,7 +13,7 @@ import torch
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.tasks import (
+from fl_sim.suites.base import (
     FEDERATED_PREFIX,
     ToySuite,
     evaluate,

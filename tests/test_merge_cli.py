@@ -33,7 +33,7 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from fl_sim.cli import main
+from fl_sim.cli.main import main
 from strategies.cclip import cclip
 from strategies.fedavg import fedavg
 from strategies.fedgma import fedgma

@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 from test_flwr_run import SHORT_RUN, free_port, running, started_under, stop_processes
 
+from fl_sim.cli.run import simulate
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
-from fl_sim.run_command import simulate
-from fl_sim.run_config import RunConfig
 
 BIN = Path(sys.executable).parent
 T = SHORT_RUN["num-tasks"]
@@ -176,7 +176,7 @@ def test_client_resources_reach_flowers_backend_config(tmp_path, backend_config)
 
 
 def test_client_flags_are_shortcuts_that_override_the_run_config(tmp_path, backend_config):
-    from fl_sim.cli import build_parser
+    from fl_sim.cli.main import build_parser
 
     def fl_sim_run(*argv: str) -> dict[str, float]:
         backend_config.clear()

@@ -1,4 +1,4 @@
-"""The plain-PyTorch reference loop (fl_sim/reference.py) against DESIGN.md's identities.
+"""The plain-PyTorch reference loop (fl_sim/federation/reference.py) against DESIGN.md's identities.
 
 Each expected model is computed here independently of the loop and of strategies/: centralised
 gradient descent with torch.autograd, and θ₀ + λ Σ_t τ_t from separately fine-tuned clients.
@@ -14,8 +14,8 @@ import torch
 from clients.knobs import TrainingKnobs, client_knobs
 from clients.local_training import fine_tune
 from fl_sim.errors import ConfigError
-from fl_sim.reference import run_reference
-from fl_sim.tasks import ToySuite, task_loss
+from fl_sim.federation.reference import run_reference
+from fl_sim.suites.base import ToySuite, task_loss
 from strategies.registry import RuleConfig
 
 

@@ -31,8 +31,8 @@ from test_federation import (  # noqa: F401  (fixtures)
 )
 
 from fl_sim.errors import ConfigError
-from fl_sim.round_checkpoint import checkpoint_path, read_checkpoint
-from fl_sim.server_app import run_federation
+from fl_sim.federation.round_checkpoint import checkpoint_path, read_checkpoint
+from fl_sim.federation.server_app import run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +142,7 @@ def kill_tree(process: subprocess.Popen, tree: set[int]) -> None:
 
 
 RUN = [
-    sys.executable, "-m", "fl_sim.cli", "run", "--no-progress",
+    sys.executable, "-m", "fl_sim.cli.main", "run", "--no-progress",
     "--set", "experiment=single", "--set", "task-suite=toy", "--set", "optimizer=sgd",
     "--set", "preset=none", "--set", "lr=0.05", "--set", "local-steps=5",
     "--set", "num-tasks=2", "--set", "num-rounds=4", "--set", "update-cache=false",

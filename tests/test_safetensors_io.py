@@ -12,9 +12,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fl_sim.safetensors_io as safetensors_io
+import fl_sim.checkpoints.safetensors_io as safetensors_io
+from fl_sim.checkpoints.safetensors_io import (
+    DTYPES,
+    SafetensorsFile,
+    save_tensors,
+    write_safetensors,
+)
 from fl_sim.errors import CheckpointError
-from fl_sim.safetensors_io import DTYPES, SafetensorsFile, save_tensors, write_safetensors
 
 
 def example_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

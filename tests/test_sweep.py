@@ -1,7 +1,7 @@
 """``fl-sim sweep``: grids from TOML and flags, validated points, resume by content, sweep.csv.
 
-The fast tests replace ``fl_sim.sweep.run_group`` (the one call that starts Ray) with a fake
-that writes results.json / results.csv the way ``run_federation`` does, so resume logic is
+The fast tests replace ``fl_sim.experiments.sweep.run_group`` (the one call that starts Ray) with a
+fake that writes results.json / results.csv the way ``run_federation`` does, so resume logic is
 tested without Ray. The slow test runs the real engine in a subprocess, SIGKILLs it once the
 first point is finished, and resumes.
 """
@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from fl_sim import sweep
-from fl_sim.atomic_write import write_atomically
-from fl_sim.cli import main as cli_main
+from fl_sim.cli.main import main as cli_main
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError, FlSimError
-from fl_sim.run_config import RunConfig
-from fl_sim.sweep import (
+from fl_sim.experiments import sweep
+from fl_sim.experiments.sweep import (
     SweepSpec,
     build_spec,
     expand_sweep,
@@ -33,6 +32,7 @@ from fl_sim.sweep import (
     point_slug,
     run_sweep,
 )
+from fl_sim.outputs import write_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = {
@@ -497,7 +497,7 @@ def test_a_sweep_killed_after_its_first_point_resumes_without_redoing_it(tmp_pat
         "FLWR_TELEMETRY_ENABLED": "0",
     }
     sets = set_flags(TOY_SINGLE)
-    command = [sys.executable, "-m", "fl_sim.cli", "sweep", *sets, "--grid", "num-rounds=1,3"]
+    command = [sys.executable, "-m", "fl_sim.cli.main", "sweep", *sets, "--grid", "num-rounds=1,3"]
     command += ["--out", str(out), "--no-progress"]
     first = out / "points" / "num-rounds=1"
     second = out / "points" / "num-rounds=3"
@@ -531,7 +531,7 @@ def test_a_sweep_killed_after_its_first_point_resumes_without_redoing_it(tmp_pat
         [
             sys.executable,
             "-m",
-            "fl_sim.cli",
+            "fl_sim.cli.main",
             "sweep",
             "--out",
             str(out),

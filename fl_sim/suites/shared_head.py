@@ -1,7 +1,7 @@
 """Classic single-task FL: one task split over C clients, one shared head, all of it federated.
 
 ``shared-head = true`` turns any suite into this: task ``dirichlet-task`` of the base suite is
-split over C = ``num-tasks`` clients by ``fl_sim.partition.dirichlet_partition`` (α =
+split over C = ``num-tasks`` clients by ``fl_sim.suites.partition.dirichlet_partition`` (α =
 ``dirichlet-alpha``; 0 = an IID equal split). Client c's ``TaskData`` is its shard of the
 training split and the task's whole val and test splits. The model is the base suite's with
 that task's head alone, shared by every client, trainable and federated with the backbone
@@ -16,8 +16,8 @@ average client training alone).
 from __future__ import annotations
 
 from fl_sim.errors import ConfigError
-from fl_sim.partition import dirichlet_partition
-from fl_sim.tasks import MultiTaskModel, TaskData, TaskSuite
+from fl_sim.suites.base import MultiTaskModel, TaskData, TaskSuite
+from fl_sim.suites.partition import dirichlet_partition
 
 
 class SharedHeadSuite(TaskSuite):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.tasks import MultiTaskModel
+from fl_sim.suites.base import MultiTaskModel
 
 MODEL_KINDS = ("minilm", "hf:PATH", "clip:PATH")
 EVAL_CHUNK = 128  # examples per forward when no gradient is needed

@@ -2,7 +2,7 @@
 
 ``draw_sweep_plots`` reads sweep.csv's rows (plain numbers and the grid values) and writes one
 PNG per grid key. With several grid keys, each point of a line is the mean over the other keys'
-values (the title says which). Written atomically with fl_sim/plots.py's ``_save``.
+values (the title says which). Written atomically with fl_sim/experiments/plots.py's ``_save``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fl_sim.plots import _save, plt
+from fl_sim.experiments.plots import _save, plt
 
 MODE_STYLES = {"one-shot": "-", "multi-round": "--"}
 

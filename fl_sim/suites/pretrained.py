@@ -11,7 +11,7 @@ copied for every ``build_model``; the heads are built once from θ₀ and frozen
   fine-tuning little to learn. A task without head examples falls back to its training split.
 
 θ₀ is the checkpoint, so ``build_model``'s seed changes nothing here. See
-``fl_sim/pretrained_encoders.py`` for model specs and what ``federated_layers`` federates.
+``fl_sim/suites/encoders.py`` for model specs and what ``federated_layers`` federates.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from fl_sim.errors import ConfigError
-from fl_sim.pretrained_encoders import (
+from fl_sim.suites.base import SPLITS, TaskData, TaskSuite
+from fl_sim.suites.encoders import (
     PretrainedModel,
     PretrainedTaskModel,
     federated_module_names,
     probe_head,
     zero_shot_head,
 )
-from fl_sim.tasks import SPLITS, TaskData, TaskSuite
 
 
 @dataclass

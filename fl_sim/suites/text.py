@@ -1,7 +1,7 @@
 """The ``text`` suite: five real text-classification tasks from the standard library's own prose.
 
-Data (``fl_sim/stdlib_text.py``): docstrings of a fixed list of standard-library modules and the
-paragraphs of ``pydoc_data.topics``, labelled by module family, pydoc topic group, object kind,
+Data (``fl_sim/suites/stdlib_text.py``): docstrings of a fixed list of standard-library modules and
+the paragraphs of ``pydoc_data.topics``, labelled by module family, pydoc topic group, object kind,
 visibility and arity; balanced, deduplicated, with fixed train/val/test splits from ``seed`` that
 are disjoint across all tasks. Fixed for a Python minor version, recorded in ``metadata()``.
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fl_sim.errors import ConfigError
-from fl_sim.pretrained_encoders import load_pretrained, parse_model_spec
-from fl_sim.pretrained_suite import PretrainedSuite, RawTask
-from fl_sim.stdlib_text import MAX_CHARS, TEXT_TASKS, corpus_metadata, text_tasks
+from fl_sim.suites.encoders import load_pretrained, parse_model_spec
+from fl_sim.suites.pretrained import PretrainedSuite, RawTask
+from fl_sim.suites.stdlib_text import MAX_CHARS, TEXT_TASKS, corpus_metadata, text_tasks
 
 
 class TextSuite(PretrainedSuite):

@@ -121,8 +121,8 @@ def run_demo(
 ) -> list[dict[str, object]]:
     from transformers import AutoModelForSequenceClassification
 
-    from fl_sim.merge import run_merge
-    from fl_sim.merge_options import build_merge_options
+    from fl_sim.merge.options import build_merge_options
+    from fl_sim.merge.run import run_merge
 
     if out.exists():
         raise ConfigError(f"demo: {out} already exists (pass a new --out)")

@@ -23,7 +23,7 @@ from clients.a_norm import A_NORM_KINDS
 from clients.knobs import TrainingKnobs
 from clients.local_training import LocalResult, fine_tune
 from fl_sim.errors import ConfigError
-from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
+from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
 from strategies.registry import RuleConfig, make_rule
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model
 

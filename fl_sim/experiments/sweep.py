@@ -23,7 +23,7 @@ Written to ``DIR``:
   running, finished, failed), start and finish times, and how many of its runs were kept;
 - ``sweep.csv``: one row per point × rule × mode (one-shot / multi-round): the grid values,
   test accuracy, normalised accuracy, β, χ²(p‖w), ζ² ratios and seconds;
-- ``plots/normalized_accuracy_vs_<key>.png``: one per grid key (fl_sim/sweep_plots.py);
+- ``plots/normalized_accuracy_vs_<key>.png``: one per grid key (fl_sim/experiments/sweep_plots.py);
 - ``points/<slug>/``: each point's experiment (``fl-sim run``'s files).
 """
 
@@ -49,8 +49,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
     import tomli as tomllib  # type: ignore[no-redef]
 
+from fl_sim.config.run_config import ConfigValue, RunConfig, parse_override
 from fl_sim.errors import ConfigError, FlSimError
-from fl_sim.run_config import ConfigValue, RunConfig, parse_override
 
 MANIFEST = "sweep.json"
 MANIFEST_FORMAT = "fl-sim-sweep/1"
@@ -131,7 +131,7 @@ class SweepPoint:
 
     def runs(self) -> list[RunConfig]:
         """The runs of the point (itself for single, the compare runs otherwise)."""
-        from fl_sim.experiment import expand_experiment
+        from fl_sim.experiments.compare import expand_experiment
 
         return expand_experiment(self.config)
 
@@ -399,7 +399,7 @@ def run_group(
     verbose: bool = False,
 ) -> None:
     """Run ``configs`` (one federation) on one Ray start; each writes its results-dir."""
-    from fl_sim.run_command import simulate
+    from fl_sim.cli.run import simulate
 
     simulate(configs, ray_address=ray_address, progress=progress, verbose=verbose)
 
@@ -450,7 +450,7 @@ class Manifest:
         self.entries[point.slug].update(values)
 
     def save(self, status: str | None = None) -> None:
-        from fl_sim.atomic_write import write_atomically
+        from fl_sim.outputs import write_atomically
 
         if status is not None:
             self.document["status"] = status
@@ -552,7 +552,7 @@ def run_sweep(
 
     done = [p for p in points if p.slug in finished]
     rows = write_sweep_csv(out, spec, done)
-    from fl_sim.sweep_plots import draw_sweep_plots
+    from fl_sim.experiments.sweep_plots import draw_sweep_plots
 
     plots = draw_sweep_plots(out / "plots", spec.grid, rows) if rows else []
     manifest.document["files"] = {
@@ -565,7 +565,7 @@ def run_sweep(
 
 def _finish_point(point: SweepPoint, error: str | None) -> tuple[str, str | None]:
     """('finished', None) once every run completed (compare: experiment.json written)."""
-    from fl_sim.experiment import write_experiment
+    from fl_sim.experiments.compare import write_experiment
 
     runs = point.runs()
     if not all(run_finished(run) for run in runs):
@@ -591,7 +591,7 @@ def _run_seconds(point: SweepPoint) -> float:
 
 def point_rows(point: SweepPoint) -> list[dict[str, object]]:
     """One row per rule × mode of a finished point, its grid values first."""
-    from fl_sim.experiment import MULTI_ROUND, ONE_SHOT, summarize
+    from fl_sim.experiments.compare import MULTI_ROUND, ONE_SHOT, summarize
 
     if point.config.experiment == "compare":
         summary = _read_json(point.folder / "experiment.json") or {}
@@ -614,7 +614,7 @@ def write_sweep_csv(
     out: Path, spec: SweepSpec, points: Sequence[SweepPoint]
 ) -> list[dict[str, object]]:
     """``DIR/sweep.csv`` (atomically) with a row per point × rule × mode; returns the rows."""
-    from fl_sim.atomic_write import write_atomically
+    from fl_sim.outputs import write_atomically
 
     rows = [row for point in points for row in point_rows(point)]
     columns: list[str] = [*spec.grid, "point"]

@@ -21,8 +21,8 @@ from types import TracebackType
 
 import torch
 
+from fl_sim.checkpoints.safetensors_io import SafetensorsFile
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"

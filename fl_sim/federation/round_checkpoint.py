@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from fl_sim.checkpoints.safetensors_io import SafetensorsFile, save_tensors
+from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
-from fl_sim.run_config import RunConfig
-from fl_sim.safetensors_io import SafetensorsFile, save_tensors
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "round.safetensors"

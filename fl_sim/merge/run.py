@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 
 from fl_sim import __version__
-from fl_sim.atomic_write import write_atomically
-from fl_sim.checkpoints import (
+from fl_sim.checkpoints.model_checkpoint import (
     Checkpoint,
     atomic_output,
     check_compatible,
     copy_model_files,
     open_checkpoint,
 )
-from fl_sim.heterogeneity import chi_square, effective_weights
-from fl_sim.merge_options import DTYPES, MergeOptions
-from fl_sim.safetensors_io import write_safetensors
+from fl_sim.checkpoints.safetensors_io import write_safetensors
+from fl_sim.federation.heterogeneity import chi_square, effective_weights
+from fl_sim.merge.options import DTYPES, MergeOptions
+from fl_sim.outputs import write_atomically
 from strategies.registry import make_rule
 from strategies.streaming import (
     AggregationOptions,

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from fl_sim.tasks import (
+from fl_sim.suites.base import (
     TaskSuite,
     TrainingGroup,
     batch_loss,

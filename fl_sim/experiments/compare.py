@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from fl_sim import plots
-from fl_sim.run_config import RunConfig
+from fl_sim.config.run_config import RunConfig
+from fl_sim.experiments import plots
 
 ONE_SHOT, MULTI_ROUND = "one-shot", "multi-round"
 
@@ -134,7 +134,7 @@ def write_experiment(
     config: RunConfig, results: Sequence[Mapping[str, object]]
 ) -> dict[str, object]:
     """experiment.json, experiment.csv and the plots in ``results-dir``; returns the summary."""
-    from fl_sim.atomic_write import write_atomically
+    from fl_sim.outputs import write_atomically
 
     root = Path(config.results_dir)
     summary = summarize(config, results)

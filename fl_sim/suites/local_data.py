@@ -20,7 +20,7 @@ with C in 1, 3 (4: alpha dropped); integer pixels are divided by 255, floats are
 [0, 1]. The task's classes are its distinct label values, sorted (numerically when all are
 integers); a val or test label not seen in train is an error. The task is named after the file
 (without extension) or the folder. With ``head_fraction`` > 0, that share of the training rows
-becomes a "head" split that only a probe head is fitted on (``fl_sim/pretrained_suite.py``).
+becomes a "head" split that only a probe head is fitted on (``fl_sim/suites/pretrained.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_sim.errors import ConfigError
-from fl_sim.pretrained_suite import RawTask
+from fl_sim.suites.pretrained import RawTask
 
 FILE_SUFFIXES = (".csv", ".jsonl")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)

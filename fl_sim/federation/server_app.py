@@ -11,7 +11,8 @@ over clients of acc(θ₀ + Δ_c) on it (results.json also keeps each client's f
 
 With ``server-lr-grid`` / ``lambda-grid`` (one-shot runs) round 1 computes A once and keeps the
 β whose θ₀ + β·A has the best mean normalised VAL accuracy; the test split only reports it.
-The gradient diversity ζ² (fl_sim/diagnostics.py) is measured at θ₀ and at the final model.
+The gradient diversity ζ² (fl_sim/federation/diagnostics.py) is measured at θ₀ and at the final
+model.
 
 Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace``):
 
@@ -23,7 +24,8 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
   ``clients/client_<t>.safetensors`` (θ₀ + Δ_t of round 1) with ``clients/train_meta.json``
   (K_t and Σ_k η_t⁽ᵏ⁾ in the files' order), so ``fl-sim merge`` can redo round 1 offline.
 - ``checkpoint/round.safetensors`` (+ ``round.json``), multi-round runs: θʳ and the run's state
-  after every round (fl_sim/round_checkpoint.py); ``resume = true`` (``fl-sim run --resume``)
+  after every round (fl_sim/federation/round_checkpoint.py); ``resume = true`` (``fl-sim run
+  --resume``)
   continues from it and ends with the results of an uninterrupted run.
 """
 
@@ -45,15 +47,15 @@ from flwr.serverapp import Grid, ServerApp
 
 import fl_sim
 from clients.update_cache import hash_tensors, resolve_cache_dir
-from fl_sim.array_records import record_to_tensors, tensors_to_record
-from fl_sim.atomic_write import write_atomically
-from fl_sim.diagnostics import measure as measure_diversity
-from fl_sim.round_checkpoint import read_checkpoint, write_checkpoint
-from fl_sim.run_config import EVAL_SPLITS as SPLITS
-from fl_sim.run_config import RunConfig
-from fl_sim.safetensors_io import save_tensors
-from fl_sim.suite_config import build_suite
-from fl_sim.tasks import TaskSuite, evaluate, load_federated_state
+from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
+from fl_sim.checkpoints.safetensors_io import save_tensors
+from fl_sim.config.run_config import EVAL_SPLITS as SPLITS
+from fl_sim.config.run_config import RunConfig
+from fl_sim.federation.diagnostics import measure as measure_diversity
+from fl_sim.federation.round_checkpoint import read_checkpoint, write_checkpoint
+from fl_sim.outputs import write_atomically
+from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
+from fl_sim.suites.suite_config import build_suite
 from strategies.flower_strategy import FederationError, RuleStrategy, make_strategy
 from strategies.rule import client_weights
 from strategies.server_step import ServerLrCandidate, server_step
@@ -71,7 +73,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fl_sim.experiment import expand_experiment, write_experiment
+        from fl_sim.experiments.compare import expand_experiment, write_experiment
 
         config = run_config or RunConfig.from_mapping(dict(context.run_config))
         results = [
@@ -159,7 +161,9 @@ class RunRecorder:
         self._last = time.perf_counter()
 
     def checkpoint_state(self) -> dict[str, object]:
-        """What results.json needs from the rounds already run (fl_sim/round_checkpoint.py)."""
+        """What results.json needs from the rounds already run
+        (fl_sim/federation/round_checkpoint.py).
+        """
         return {
             "evaluations": self.evaluations,
             "finetuned": self.finetuned,
@@ -454,7 +458,9 @@ _DIVERSITY: dict[tuple[object, ...], dict[str, object]] = {}  # θ₀'s: shared 
 def gradient_diversity_at(
     suite: TaskSuite, config: RunConfig, state: Mapping[str, torch.Tensor], weights: list[float]
 ) -> dict[str, object]:
-    """``fl_sim.diagnostics.measure`` at ``state``, memoised per suite, batch, state and weights."""
+    """``fl_sim.federation.diagnostics.measure`` at ``state``, memoised per suite, batch, state and
+    weights.
+    """
     key = (
         tuple(sorted(config.suite_config().items())),
         config.diagnostic_batch,

@@ -3,9 +3,9 @@
     make_suite("local", paths=["reviews.csv", "topics/"], model="hf:/models/my-bert")
     make_suite("local", paths=["cars.jsonl", "pets.jsonl"], model="clip:/models/clip-vit-b32")
 
-Data formats: ``fl_sim/local_data.py`` (CSV/JSONL files or folders with a label column and a text
-or image column; ``datasets.save_to_disk`` folders with ``pip install datasets``). Models:
-``fl_sim/pretrained_encoders.py`` (``minilm``, ``hf:PATH``, ``clip:PATH``). Text tasks need a
+Data formats: ``fl_sim/suites/local_data.py`` (CSV/JSONL files or folders with a label column and a
+text or image column; ``datasets.save_to_disk`` folders with ``pip install datasets``). Models:
+``fl_sim/suites/encoders.py`` (``minilm``, ``hf:PATH``, ``clip:PATH``). Text tasks need a
 text model (minilm, hf:PATH); image tasks need ``clip:PATH`` (zero-shot heads from the class
 names, which are the label values, so write labels as words: "cat", not 3) or ``hf:PATH`` of a
 vision model (ridge-probe heads, fitted on ``head_fraction`` = 30% of each task's training rows,
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fl_sim.errors import ConfigError
-from fl_sim.local_data import read_local_tasks
-from fl_sim.pretrained_encoders import load_pretrained, parse_model_spec
-from fl_sim.pretrained_suite import PretrainedSuite
+from fl_sim.suites.encoders import load_pretrained, parse_model_spec
+from fl_sim.suites.local_data import read_local_tasks
+from fl_sim.suites.pretrained import PretrainedSuite
 
 HEAD_FRACTION = 0.3  # of each task's training rows: fit the probe head, never trained on
 

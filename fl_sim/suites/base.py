@@ -249,7 +249,7 @@ class TaskSuite(ABC):
         if self.mixing == 0.0:
             task = self.tasks[client]
             return [TrainingGroup(client, task.train_x, task.train_y)]
-        from fl_sim.partition import mixing_subset
+        from fl_sim.suites.partition import mixing_subset
 
         groups = []
         for s, task in enumerate(self.tasks):
@@ -378,21 +378,21 @@ class ToySuite(TaskSuite):
 
 
 def _digits_suite(**kwargs: object) -> TaskSuite:
-    # imported on use: fl_sim.digits_suite imports this module, and transformers is slow to load
-    from fl_sim.digits_suite import DigitsSuite
+    # imported on use: fl_sim.suites.digits imports this module, and transformers is slow to load
+    from fl_sim.suites.digits import DigitsSuite
 
     return DigitsSuite(**kwargs)
 
 
 def _text_suite(**kwargs: object) -> TaskSuite:
-    # imported on use, as digits: fl_sim.text_suite imports this module
-    from fl_sim.text_suite import TextSuite
+    # imported on use, as digits: fl_sim.suites.text imports this module
+    from fl_sim.suites.text import TextSuite
 
     return TextSuite(**kwargs)
 
 
 def _local_suite(**kwargs: object) -> TaskSuite:
-    from fl_sim.local_suite import LocalSuite
+    from fl_sim.suites.local import LocalSuite
 
     return LocalSuite(**kwargs)
 
@@ -409,9 +409,9 @@ def make_suite(name: str, *, mixing: float = 0.0, **kwargs: object) -> TaskSuite
     """The suite registered as ``name`` ("toy", "digits", "text", "local"), built with ``kwargs``.
 
     The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
-    folder; see fl_sim/pretrained_encoders.py); local takes ``paths=[one per task]``.
+    folder; see fl_sim/suites/encoders.py); local takes ``paths=[one per task]``.
     ``mixing`` shares that fraction of every task's training data with every client (module
-    docstring). From a run config's keys: ``fl_sim.suite_config.build_suite``.
+    docstring). From a run config's keys: ``fl_sim.suites.suite_config.build_suite``.
     """
     if name not in SUITES:
         raise ConfigError(f"unknown task suite {name!r}; choose one of {', '.join(SUITES)}")

@@ -13,8 +13,8 @@ and model:
     data-paths        local only: comma list of files/folders, one task each
     federated-layers  text/local: '' = the suite's default, an integer k (the top k layers) or all
     mixing            m ∈ [0, 1]: the share of every other task's training data each client also
-                      trains on (fl_sim/tasks.py)
-    shared-head       classic single-task FL (fl_sim/shared_head_suite.py)
+                      trains on (fl_sim/suites/base.py)
+    shared-head       classic single-task FL (fl_sim/suites/shared_head.py)
     dirichlet-task    shared-head: the task that is split over the clients
     dirichlet-alpha   shared-head: α of the Dirichlet label skew; 0 = IID equal split
 
@@ -27,7 +27,7 @@ import math
 from collections.abc import Mapping
 
 from fl_sim.errors import ConfigError
-from fl_sim.tasks import SUITES, TaskSuite, check_mixing, make_suite
+from fl_sim.suites.base import SUITES, TaskSuite, check_mixing, make_suite
 
 ConfigValue = bool | int | float | str
 
@@ -129,11 +129,11 @@ def check_suite_config(config: Mapping[str, object]) -> None:
 def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
     """How many tasks a suite can have (toy: any number)."""
     if suite == "digits":
-        from fl_sim.digits_data import MAX_TASKS
+        from fl_sim.suites.digits_data import MAX_TASKS
 
         return MAX_TASKS
     if suite == "text":
-        from fl_sim.stdlib_text import TEXT_TASKS
+        from fl_sim.suites.stdlib_text import TEXT_TASKS
 
         return len(TEXT_TASKS)
     if suite == "local":
@@ -161,7 +161,7 @@ def build_suite(config: Mapping[str, object]) -> TaskSuite:
     mixing = float(c["mixing"])  # type: ignore[arg-type]
     if not shared:
         return make_suite(name, mixing=mixing, **kwargs)
-    from fl_sim.shared_head_suite import SharedHeadSuite
+    from fl_sim.suites.shared_head import SharedHeadSuite
 
     suite = SharedHeadSuite(
         make_suite(name, **kwargs),

@@ -131,8 +131,8 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_merge_command(args: argparse.Namespace) -> int:
-    from fl_sim.merge import run_merge
-    from fl_sim.merge_options import build_merge_options, options_from_yaml
+    from fl_sim.merge.options import build_merge_options, options_from_yaml
+    from fl_sim.merge.run import run_merge
 
     flags = {
         "method": args.method,
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tuned models with FL aggregation rules.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from fl_sim.demo import add_demo_parser
-    from fl_sim.run_command import add_run_parser
-    from fl_sim.sweep import add_sweep_parser
+    from fl_sim.cli.run import add_run_parser
+    from fl_sim.experiments.demo import add_demo_parser
+    from fl_sim.experiments.sweep import add_sweep_parser
 
     add_run_parser(subparsers)
     add_merge_parser(subparsers)

@@ -28,8 +28,8 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 
 from clients.knobs import PRESETS, TrainingKnobs, client_knobs
 from fl_sim.errors import ConfigError
-from fl_sim.fault_injection import parse_byzantine, parse_crash, parse_slow
-from fl_sim.suite_config import check_suite_config
+from fl_sim.federation.fault_injection import parse_byzantine, parse_crash, parse_slow
+from fl_sim.suites.suite_config import check_suite_config
 from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
 
 WEIGHTINGS = ("uniform", "examples")
@@ -519,7 +519,9 @@ class RunConfig:
         )
 
     def faults(self) -> Faults:
-        """The declared faults (fl_sim/fault_injection.py), fail-client/fail-round included."""
+        """The declared faults (fl_sim/federation/fault_injection.py), fail-client/fail-round
+        included.
+        """
         crash = parse_crash(self.crash, self.num_tasks)
         if self.fail_client >= 0 and self.fail_round >= 1:
             crash.add((self.fail_client, self.fail_round))

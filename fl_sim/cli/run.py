@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from fl_sim.config.run_config import RunConfig, help_text
 from fl_sim.errors import ConfigError
-from fl_sim.run_config import RunConfig, help_text
 
 # Trap 1 and telemetry (FLOWER.md): never let Flower build a venv per run or write an id.
 FLOWER_ENVIRONMENT = {
@@ -125,7 +125,7 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl_sim.experiment import expand_experiment, table, write_experiment
+    from fl_sim.experiments.compare import expand_experiment, table, write_experiment
 
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     overrides += resource_overrides(args.client_cpus, args.client_gpus)
@@ -230,7 +230,7 @@ def simulate(
             "(drop --num-supernodes or set num-tasks)"
         )
 
-    from fl_sim.server_app import make_sweep_server_app
+    from fl_sim.federation.server_app import make_sweep_server_app
 
     bar = _ProgressBar(configs) if progress else None
     init_args: dict[str, object] = {}

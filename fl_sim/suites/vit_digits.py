@@ -8,11 +8,11 @@ Pre-training (``pretrain``), deterministic in ``seed`` on one CPU thread:
 
     z = f_θ(augment(x)),   logits_d = s · ⟨z, w_d / ‖w_d‖⟩,   minimise CE(logits, digit)
 
-over the pre-training pool (fl_sim/digits_data.py) with AdamW, linear warm-up then cosine decay.
-``augment`` passes each image through one of ``spec.pretrain_domains``, the domains θ₀ "has
+over the pre-training pool (fl_sim/suites/digits_data.py) with AdamW, linear warm-up then cosine
+decay. ``augment`` passes each image through one of ``spec.pretrain_domains``, the domains θ₀ "has
 seen"; the others (rot90, hflip, transpose by default) are new to it, as some of the paper's
 datasets are new to CLIP. The unit prototypes w_d / ‖w_d‖ play CLIP's text embeddings of the
-ten digits: the suite builds every task's zero-shot head from them (fl_sim/digits_suite.py).
+ten digits: the suite builds every task's zero-shot head from them (fl_sim/suites/digits.py).
 
 Cache: ``$FL_SIM_CACHE`` (else ``$XDG_CACHE_HOME/fl-sim``, else ``~/.cache/fl-sim``) holds
 ``vit-digits-<key>.safetensors`` and a JSON sidecar with the content key (SHA-256 of the spec,
@@ -42,8 +42,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from fl_sim import digits_data
 from fl_sim.errors import ConfigError
+from fl_sim.suites import digits_data
 
 try:  # POSIX; elsewhere parallel first runs may pre-train more than once (still correct)
     import fcntl

@@ -1,6 +1,6 @@
 """The ``digits`` suite: eight conflicting vision tasks on scikit-learn's digits, and vit-digits.
 
-Tasks (fl_sim/digits_data.py for the transforms and the exact splits), in order:
+Tasks (fl_sim/suites/digits_data.py for the transforms and the exact splits), in order:
 
     identity-digit (10)  rot90-parity (2)  invert-mod3 (3)  hflip-ge5 (2)
     noise-prime (2)      quadrants-digit (10)  transpose-mod4 (4)  blur-pairs (5)
@@ -9,7 +9,7 @@ Tasks (fl_sim/digits_data.py for the transforms and the exact splits), in order:
 source images of the task pool (by the suite's seed) through its own domain transform and label
 function; the 718-image pre-training pool is disjoint from all of them.
 
-Model: the backbone is the vit-digits encoder (fl_sim/vit_digits.py) at θ₀, pre-trained by
+Model: the backbone is the vit-digits encoder (fl_sim/suites/vit_digits.py) at θ₀, pre-trained by
 fl-sim and cached; ``build_model(seed)`` pre-trains with that seed. Heads, frozen:
 
 - ``heads = "zero-shot"`` (default), CLIP's recipe: class c of task t is embedded as the
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_sim import digits_data
 from fl_sim.errors import ConfigError
-from fl_sim.tasks import SPLITS, MultiTaskModel, TaskData, TaskSuite
-from fl_sim.vit_digits import MODEL_NAME, ViTDigitsSpec, build_encoder, pretrained
+from fl_sim.suites import digits_data
+from fl_sim.suites.base import SPLITS, MultiTaskModel, TaskData, TaskSuite
+from fl_sim.suites.vit_digits import MODEL_NAME, ViTDigitsSpec, build_encoder, pretrained
 
 HEADS = ("zero-shot", "probe")
 

@@ -1,0 +1,3 @@
+"""Model weights on disk and on the wire: safetensors I/O, Hugging Face folders, Flower
+ArrayRecords.
+"""

@@ -1,0 +1,1 @@
+"""The `fl-sim` command line: run, sweep, merge, demo."""

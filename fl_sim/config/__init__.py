@@ -1,0 +1,1 @@
+"""Run configuration: the flat kebab-case run-config keys, parsed once into typed sections."""

@@ -1,0 +1,3 @@
+"""Offline merging of real fine-tuned checkpoints (`fl-sim merge`): options, mergekit-style YAML,
+the merge run.
+"""
