@@ -5,7 +5,8 @@
 
 For every toy-suite size (``--hidden``) it runs two jobs of the default run config (fedavg, one
 client per task, the clients' update cache off so that every run trains): one-shot (R = 1, Task
-Arithmetic's shape) and R = ``--rounds`` rounds, each through ``fl_sim.cli.run.simulate``
+Arithmetic's shape) and R = ``--rounds`` rounds, each through ``simulate``
+(fl_sim/federation/simulation.py)
 (Flower's simulation engine on Ray, one Ray start per job, as ``fl-sim run`` does) and through
 ``fl_sim.federation.reference.run_reference`` (no Flower, no Ray), in this process, back to back.
 It prints the largest |θ_Flower − θ_reference|, the overhead ratio Flower / reference (whole job;
@@ -268,7 +269,7 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
     import fl_sim.suites.base as tasks
     import strategies.flower_strategy as flower_strategy
     import strategies.streaming as streaming
-    from fl_sim.cli.run import flower_environment, simulate
+    from fl_sim.federation.simulation import flower_environment, simulate
 
     span_dir.mkdir(parents=True)
     log = SpanLog()
@@ -587,7 +588,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench_federation.py",
         description=(
-            "Run the same federated job through Flower + Ray (fl_sim.cli.run.simulate) and "
+            "Run the same federated job through Flower + Ray (simulation.simulate) and "
             "through the plain-PyTorch reference loop "
             "(fl_sim.federation.reference.run_reference); check "
             "the final weights agree and show the overhead and where the time goes."

@@ -4,7 +4,8 @@
         [--attacks scale:-10,sign-flip,gaussian:1,nan] [--local-steps 200] [--table-only]
 
 The digits default suite (8 clients, vit-digits, preset lr-hetero), one-shot (R = 1, β = 1;
-task_arithmetic with its default λ), through ``fl_sim.cli.run.simulate``: one Ray start for
+task_arithmetic with its default λ), through ``simulate`` (fl_sim/federation/simulation.py): one
+Ray start for
 every run. The attackers are the last clients (7, then 7 and 6); the attack is applied after
 honest training (``byzantine`` run-config key), so the clients' update cache trains each client
 once and every later run reuses its honest Δ_t. cclip uses ``tau-c-auto`` (τ_c = the median
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     if not args.table_only:
-        from fl_sim.cli.run import simulate
+        from fl_sim.federation.simulation import simulate
 
         runs = configs(args)
         start = time.perf_counter()

@@ -4,8 +4,8 @@
         [--rounds 2] [--local-steps 1] [--batch-size 4] [--memory-budget-gib 18]
         [--json OUT] [--csv OUT] [--plot OUT.png]
 
-Every point (model, T) is one ``fl-sim run`` job in a fresh process (``fl_sim.cli.run.
-simulate``: Flower's simulation engine on a private Ray, one client per task, one CPU each):
+Every point (model, T) is one ``fl-sim run`` job in a fresh process (``fl_sim.federation.simulation
+.simulate``: Flower's simulation engine on a private Ray, one client per task, one CPU each):
 fedavg, ``--rounds`` rounds, the whole encoder federated (``federated-layers = all``, so the
 update Δ_t is model-sized), AdamW, the update cache off so that every client trains.
 
@@ -145,8 +145,8 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
     """Run one job (in this process) and return its figures (module docstring)."""
     from safetensors import safe_open
 
-    from fl_sim.cli.run import simulate
     from fl_sim.config.run_config import RunConfig
+    from fl_sim.federation.simulation import simulate
 
     results_dir = Path(str(spec["results_dir"]))
     config = RunConfig.from_mapping(

@@ -5,7 +5,8 @@
     flwr run . deploy --stream --run-config '...'                    # $FLWR_HOME/config.toml
 
 One-shot FedAvg over the toy suite's T = 2 tasks, clients really training (no update cache),
-must give the weights that ``fl_sim.cli.run.simulate`` gives for the same run config and
+must give the weights that ``simulate`` (fl_sim/federation/simulation.py) gives for the same run
+config and
 seeds. Two set-ups: plain ``--insecure`` (the SuperLink starts its own SuperExec), and TLS with
 the certificates of ``scripts/make_certs.sh`` and the docker-compose layout (SuperLink in
 ``--isolation process``, a separate ``flower-superexec`` for ServerApps, SuperNodes with
@@ -176,8 +177,8 @@ def run_statuses(env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run on the simulation engine (in-process Ray): its results-dir."""
-    from fl_sim.cli.run import simulate
     from fl_sim.config.run_config import RunConfig
+    from fl_sim.federation.simulation import simulate
 
     results_dir = tmp_path_factory.mktemp("simulation") / "run"
     cache = tmp_path_factory.mktemp("fl-sim-cache")

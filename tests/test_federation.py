@@ -327,7 +327,7 @@ def test_client_evaluate_reports_its_task_accuracy(task_identity):
 
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory):
-    from fl_sim.cli.run import simulate
+    from fl_sim.federation.simulation import simulate
 
     root = tmp_path_factory.mktemp("federation")
     runs = {

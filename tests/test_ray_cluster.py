@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file
 from test_flwr_run import SHORT_RUN, free_port, running, started_under, stop_processes
 
-from fl_sim.cli.run import simulate
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
+from fl_sim.federation.simulation import simulate
 
 BIN = Path(sys.executable).parent
 T = SHORT_RUN["num-tasks"]

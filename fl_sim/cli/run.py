@@ -16,23 +16,11 @@ not used: the federation's ``options.backend.client-resources`` decide.)
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig, help_text
-from fl_sim.errors import ConfigError
-
-# Trap 1 and telemetry (FLOWER.md): never let Flower build a venv per run or write an id.
-FLOWER_ENVIRONMENT = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's FutureWarning; no GPUs asked
-}
+from fl_sim.federation.simulation import simulate
 
 RUN_DESCRIPTION = """\
 With no arguments: the default experiment (experiment = "compare"): the digits suite and the
@@ -157,139 +145,6 @@ def resource_overrides(client_cpus: float | None, client_gpus: float | None) -> 
     if client_gpus is not None:
         overrides.append(f"client-num-gpus={float(client_gpus)!r}")
     return overrides
-
-
-@contextmanager
-def flower_environment() -> Iterator[None]:
-    """FLOWER_ENVIRONMENT set for the block; PYTHONPATH restored (Flower's Ray backend edits it)."""
-    saved = {key: os.environ.get(key) for key in (*FLOWER_ENVIRONMENT, "PYTHONPATH")}
-    os.environ.update(FLOWER_ENVIRONMENT)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def simulate(
-    configs: Sequence[RunConfig],
-    *,
-    num_supernodes: int | None = None,
-    ray_address: str | None = None,
-    client_cpus: float | None = None,
-    client_gpus: float | None = None,
-    progress: bool = True,
-    verbose: bool = False,
-) -> list[dict[str, object]]:
-    """Run ``configs`` one after the other on one simulated federation (one Ray start).
-
-    All configs must describe the same federation (task-suite, num-tasks, seed); each writes
-    its own results-dir, so keep those distinct. Returns each run's results.json content. The
-    first run that fails raises (a one-line ``FlSimError``); the runs before it are written.
-    With ``update-cache`` (the default) a client trains each (task, knobs, round, weights) once:
-    later runs of the sweep that start from the same weights reuse its Δ_t.
-
-    ``ray_address`` (else ``$RAY_ADDRESS``) joins an existing Ray cluster (``ray start --head``)
-    instead of starting a private one; each client reserves the configs' ``client-num-cpus``
-    CPUs and ``client-num-gpus`` GPUs of it (one Ray backend: the configs must agree), so at
-    most ⌊cluster CPUs / client-num-cpus⌋ clients train at once. ``client_cpus`` /
-    ``client_gpus``, when given, override those keys in every config (and so in results.json).
-    """
-    if not configs:
-        raise ConfigError("simulate: no run configs given")
-    changes = {
-        name: float(value)
-        for name, value in (("client_num_cpus", client_cpus), ("client_num_gpus", client_gpus))
-        if value is not None
-    }
-    if changes:  # validated as the run-config keys, with their messages
-        configs = [replace(config, **changes) for config in configs]
-    first = configs[0]
-    for config in configs[1:]:
-        if config.suite_config() != first.suite_config():
-            raise ConfigError(
-                "runs in one simulation must share task-suite, num-tasks and seed, got "
-                f"{config.suite_config()} after {first.suite_config()}"
-            )
-        if _resources(config) != _resources(first):
-            raise ConfigError(
-                "runs in one simulation share one Ray backend and must agree on "
-                f"client-num-cpus and client-num-gpus, got {_resources(config)} after "
-                f"{_resources(first)}"
-            )
-    dirs = [Path(c.results_dir).resolve() for c in configs]
-    if len(set(dirs)) != len(dirs):
-        raise ConfigError("runs in one simulation need distinct results-dir values")
-    n = first.num_tasks if num_supernodes is None else num_supernodes
-    if n != first.num_tasks:
-        raise ConfigError(
-            f"--num-supernodes {n} but num-tasks = {first.num_tasks}: one SuperNode per task "
-            "(drop --num-supernodes or set num-tasks)"
-        )
-
-    from fl_sim.federation.server_app import make_sweep_server_app
-
-    bar = _ProgressBar(configs) if progress else None
-    init_args: dict[str, object] = {}
-    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    if ray_address:
-        init_args["address"] = ray_address
-    backend_config = {
-        "client_resources": {
-            "num_cpus": first.client_num_cpus,
-            "num_gpus": first.client_num_gpus,
-        },
-        "init_args": init_args,
-    }
-    flower_logger = logging.getLogger("flwr")
-    level = flower_logger.level
-    if not verbose:
-        flower_logger.setLevel(logging.ERROR)  # also run_simulation's deprecation notice
-        init_args.setdefault("logging_level", logging.ERROR)
-        init_args.setdefault("log_to_driver", False)
-    try:
-        with flower_environment():
-            from flwr.simulation import run_simulation
-
-            from clients.client_app import app as client_app
-
-            run_simulation(
-                server_app=make_sweep_server_app(configs, on_round=bar.update if bar else None),
-                client_app=client_app,
-                num_supernodes=n,
-                backend_config=backend_config,
-                verbose_logging=verbose,
-            )
-    finally:
-        flower_logger.setLevel(level)
-        if bar is not None:
-            bar.close()
-    return [json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs]
-
-
-def _resources(config: RunConfig) -> dict[str, float]:
-    return {"client-num-cpus": config.client_num_cpus, "client-num-gpus": config.client_num_gpus}
-
-
-class _ProgressBar:
-    """One tqdm bar over every round of every run."""
-
-    def __init__(self, configs: Sequence[RunConfig]) -> None:
-        from tqdm import tqdm
-
-        total = sum(c.num_rounds for c in configs)
-        self.bar = tqdm(total=total, unit="round", desc="fl-sim run", dynamic_ncols=True)
-
-    def update(self, server_round: int, num_rounds: int, metrics: Mapping[str, float]) -> None:
-        if server_round > 0:
-            self.bar.update(1)
-        self.bar.set_postfix(round=f"{server_round}/{num_rounds}", acc=f"{metrics['accuracy']:.3f}")
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def summary_table(results: Mapping[str, object]) -> str:

@@ -399,7 +399,7 @@ def run_group(
     verbose: bool = False,
 ) -> None:
     """Run ``configs`` (one federation) on one Ray start; each writes its results-dir."""
-    from fl_sim.cli.run import simulate
+    from fl_sim.federation.simulation import simulate
 
     simulate(configs, ray_address=ray_address, progress=progress, verbose=verbose)
 

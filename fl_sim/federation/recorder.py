@@ -1,0 +1,384 @@
+"""What a federated run measures and writes: the RunRecorder.
+
+It evaluates the global model after every round on every task, on the val and the test split,
+keeps each client's fine-tuned figures (θ₀ + Δ_t of round 1) for the normalised accuracy, runs the
+β/λ search of one-shot runs on the val split, measures the gradient diversity ζ², and assembles
+results.json and results.csv (fl_sim/federation/server_app.py writes them).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import flwr
+import torch
+from flwr.app import MetricRecord
+
+import fl_sim
+from clients.update_cache import hash_tensors, resolve_cache_dir
+from fl_sim.checkpoints.array_records import record_to_tensors
+from fl_sim.checkpoints.safetensors_io import save_tensors
+from fl_sim.config.run_config import EVAL_SPLITS as SPLITS
+from fl_sim.config.run_config import RunConfig
+from fl_sim.federation.diagnostics import measure as measure_diversity
+from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
+from strategies.flower_strategy import RuleStrategy
+from strategies.rule import client_weights
+from strategies.server_step import ServerLrCandidate, server_step
+
+
+class RunRecorder:
+    """Evaluates the global model every round, on val and test, and keeps what results hold."""
+
+    def __init__(self, config: RunConfig, suite: TaskSuite, theta0: Mapping[str, torch.Tensor]):
+        self.config = config
+        self.suite = suite
+        self.theta0 = dict(theta0)
+        self.model = suite.build_model()
+        self.out = Path(config.results_dir)
+        self.evaluations: dict[int, dict[str, list[dict[str, float]]]] = {}  # round → split → t
+        # eval task → the mean over its clients of θ₀ + Δ_t's figures; and per client
+        self.finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
+        self.client_finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
+        self.client_files: list[str] = []
+        self.round_seconds: dict[int, float] = {}
+        self.evaluation_seconds: dict[int, float] = {}
+        self.beta_search: list[dict[str, object]] = []
+        self.selected: ServerLrCandidate | None = None
+        self.search_seconds = 0.0
+        self.diagnostics: dict[str, object] = {}
+        self._last = time.perf_counter()
+
+    def checkpoint_state(self) -> dict[str, object]:
+        """What results.json needs from the rounds already run
+        (fl_sim/federation/round_checkpoint.py).
+        """
+        return {
+            "evaluations": self.evaluations,
+            "finetuned": self.finetuned,
+            "client_finetuned": self.client_finetuned,
+            "client_files": self.client_files,
+            "round_seconds": self.round_seconds,
+            "evaluation_seconds": self.evaluation_seconds,
+            "beta_search": self.beta_search,
+            "selected": None if self.selected is None else asdict(self.selected),
+            "search_seconds": self.search_seconds,
+            "diagnostics": self.diagnostics,
+        }
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """The inverse of ``checkpoint_state`` (JSON turned integer keys into strings)."""
+
+        def by_int(mapping: object) -> dict[int, object]:
+            return {int(k): v for k, v in mapping.items()}  # type: ignore[union-attr]
+
+        self.evaluations = by_int(state["evaluations"])  # type: ignore[assignment]
+        self.finetuned = {s: by_int(v) for s, v in state["finetuned"].items()}  # type: ignore[union-attr,misc]
+        self.client_finetuned = {
+            s: by_int(v)
+            for s, v in state["client_finetuned"].items()  # type: ignore[union-attr]
+        }  # type: ignore[misc]
+        self.client_files = list(state["client_files"])  # type: ignore[call-overload]
+        self.round_seconds = by_int(state["round_seconds"])  # type: ignore[assignment]
+        self.evaluation_seconds = by_int(state["evaluation_seconds"])  # type: ignore[assignment]
+        self.beta_search = list(state["beta_search"])  # type: ignore[call-overload]
+        selected = state["selected"]
+        self.selected = None if selected is None else ServerLrCandidate(**selected)  # type: ignore[arg-type]
+        self.search_seconds = float(state["search_seconds"])  # type: ignore[arg-type]
+        self.diagnostics = dict(state["diagnostics"])  # type: ignore[call-overload]
+        self._last = time.perf_counter()
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
+        """Every evaluation task's loss and accuracy at ``state``, on each of SPLITS."""
+        load_federated_state(self.model, state)
+        return {
+            split: [
+                dict(zip(("loss", "accuracy"), evaluate(self.model, task, split), strict=True))
+                for task in self.suite.eval_tasks
+            ]
+            for split in SPLITS
+        }
+
+    def evaluate_round(self, server_round: int, arrays: object) -> MetricRecord:
+        """Strategy.start's evaluate_fn: every task's loss and accuracy at θʳ (both splits)."""
+        self.round_seconds[server_round] = time.perf_counter() - self._last
+        start = time.perf_counter()
+        evaluations = self.evaluate(record_to_tensors(arrays))  # type: ignore[arg-type]
+        self.evaluations[server_round] = evaluations
+        self.evaluation_seconds[server_round] = time.perf_counter() - start
+        self._last = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for split, rows in evaluations.items():
+            metrics[f"{split}-accuracy"] = sum(r["accuracy"] for r in rows) / len(rows)
+            metrics[f"{split}-loss"] = sum(r["loss"] for r in rows) / len(rows)
+        headline = self.config.eval_split
+        metrics["accuracy"] = metrics[f"{headline}-accuracy"]
+        metrics["loss"] = metrics[f"{headline}-loss"]
+        return MetricRecord(metrics)
+
+    def client_updates(
+        self, server_round: int, updates: dict[int, dict[str, torch.Tensor]]
+    ) -> None:
+        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits);
+        an evaluation task's fine-tuned figures are the mean over its clients'."""
+        if server_round != 1:
+            return
+        folder = self.out / "clients"
+        folder.mkdir(parents=True, exist_ok=True)
+        for t, update in sorted(updates.items()):
+            theta_t = {
+                name: (self.theta0[name] + delta) if delta.is_floating_point() else delta.clone()
+                for name, delta in update.items()
+            }
+            save_tensors(folder / f"client_{t}.safetensors", theta_t)
+            self.client_files.append(f"clients/client_{t}.safetensors")
+            load_federated_state(self.model, theta_t)
+            task = self.suite.eval_tasks[self.suite.eval_task_of(t)]
+            for split in SPLITS:
+                loss, accuracy = evaluate(self.model, task, split)
+                self.client_finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
+        for split in SPLITS:
+            by_task: dict[int, list[dict[str, float]]] = {}
+            for t, figures in sorted(self.client_finetuned[split].items()):
+                by_task.setdefault(self.suite.eval_task_of(t), []).append(figures)
+            self.finetuned[split] = {
+                e: {k: sum(f[k] for f in rows) / len(rows) for k in ("loss", "accuracy")}
+                for e, rows in by_task.items()
+            }
+
+    def select_server_lr(
+        self,
+        theta: Mapping[str, torch.Tensor],
+        update: Mapping[str, torch.Tensor],
+        candidates: Sequence[ServerLrCandidate],
+    ) -> int:
+        """The grid point whose θ + β·A has the best mean normalised VAL accuracy (the first on
+        ties; the mean val accuracy when no fine-tuned accuracy is known). Test is recorded,
+        never used."""
+        start = time.perf_counter()
+        scores = []
+        for candidate in candidates:
+            evaluations = self.evaluate(server_step(theta, update, candidate.beta))
+            val = self.split_summary(evaluations["val"], "val")
+            test = self.split_summary(evaluations["test"], "test")
+            normalized = val["mean_normalized_accuracy"]
+            scores.append(val["mean_accuracy"] if normalized is None else normalized)
+            self.beta_search.append(
+                {
+                    "beta": candidate.beta,
+                    "lambda": candidate.lam,
+                    "val_mean_accuracy": val["mean_accuracy"],
+                    "val_mean_normalized_accuracy": normalized,
+                    "test_mean_accuracy": test["mean_accuracy"],
+                    "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
+                }
+            )
+        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        self.selected = candidates[best]
+        self.search_seconds = time.perf_counter() - start
+        return best
+
+    def normalized(self, t: int, accuracy: float, split: str | None = None) -> float | None:
+        """acc_t(θ) / acc_t(θ₀ + Δ_t) on the same split (None without a fine-tuned model)."""
+        own = self.finetuned[split or self.config.eval_split].get(t, {}).get("accuracy")
+        return accuracy / own if own else None
+
+    def split_summary(self, rows: list[dict[str, float]], split: str) -> dict[str, object]:
+        """Per-task and mean loss, accuracy and normalised accuracy on ``split``."""
+        names = [task.name for task in self.suite.eval_tasks]
+        tasks = [
+            {
+                "task": t,
+                "name": names[t],
+                "loss": row["loss"],
+                "accuracy": row["accuracy"],
+                "normalized_accuracy": self.normalized(t, row["accuracy"], split),
+            }
+            for t, row in enumerate(rows)
+        ]
+        normalized = [x["normalized_accuracy"] for x in tasks]
+        return {
+            "tasks": tasks,
+            "mean_loss": sum(x["loss"] for x in tasks) / len(tasks),
+            "mean_accuracy": sum(x["accuracy"] for x in tasks) / len(tasks),
+            "mean_normalized_accuracy": (
+                sum(normalized) / len(normalized) if None not in normalized else None
+            ),
+        }
+
+    def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
+        """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
+        if self.config.diagnostic_batch > 0:
+            self.diagnostics[label] = gradient_diversity_at(
+                self.suite, self.config, state, self.client_weights()
+            )
+
+    def client_weights(self) -> list[float]:
+        """p_t of every task (uniform, or ∝ n_t with weighting = examples)."""
+        sizes = [self.suite.num_examples(t) for t in range(self.suite.num_tasks)]
+        given = sizes if self.config.weighting == "examples" else None
+        return client_weights(len(sizes), given).tolist()
+
+    def results(
+        self,
+        strategy: RuleStrategy,
+        *,
+        status: str,
+        error: str | None,
+        total_seconds: float,
+    ) -> dict[str, object]:
+        names = [task.name for task in self.suite.eval_tasks]
+        headline = self.config.eval_split
+        rounds = []
+        train_rounds = {record.round: record for record in strategy.rounds}
+        for r in sorted(self.evaluations):
+            splits = {
+                split: self.split_summary(rows, split)
+                for split, rows in self.evaluations[r].items()
+            }
+            entry: dict[str, object] = {
+                "round": r,
+                "tasks": splits[headline]["tasks"],
+                "mean_accuracy": splits[headline]["mean_accuracy"],
+                "mean_normalized_accuracy": splits[headline]["mean_normalized_accuracy"],
+                "splits": splits,
+                "timings": {
+                    "round_seconds": self.round_seconds.get(r),
+                    "evaluation_seconds": self.evaluation_seconds.get(r),
+                },
+            }
+            if r in train_rounds:
+                train = train_rounds[r].to_json()
+                entry["timings"]["aggregation_seconds"] = train.pop("aggregation_seconds")  # type: ignore[index]
+                entry["training"] = train
+                cached = sum(train_rounds[r].cached)
+                entry["update_cache"] = {
+                    "trained": len(train_rounds[r].clients) - cached,
+                    "cached": cached,
+                }
+            rounds.append(entry)
+        final_round = max((r for r in self.evaluations), default=None)
+        selected_test = (
+            self.split_summary(self.evaluations[final_round]["test"], "test")
+            if self.selected is not None and final_round == 1 and status == "completed"
+            else None
+        )
+        trained = sum(len(rec.clients) - sum(rec.cached) for rec in strategy.rounds)
+        cached = sum(sum(rec.cached) for rec in strategy.rounds)
+        return {
+            "status": status,
+            "error": error,
+            "config": self.config.to_mapping(),
+            "versions": {
+                "fl_sim": fl_sim.__version__,
+                "flwr": flwr.__version__,
+                "torch": torch.__version__,
+            },
+            "strategy": type(strategy).__name__,
+            "eval_split": headline,
+            "splits": list(SPLITS),
+            "tasks": names,
+            "clients": [task.name for task in self.suite.tasks],
+            "num_examples": [self.suite.num_examples(t) for t in range(self.suite.num_tasks)],
+            "finetuned": {str(t): v for t, v in sorted(self.finetuned[headline].items())},
+            "finetuned_splits": {
+                split: {str(t): v for t, v in sorted(self.finetuned[split].items())}
+                for split in SPLITS
+            },
+            "finetuned_clients": {
+                split: {str(t): v for t, v in sorted(self.client_finetuned[split].items())}
+                for split in SPLITS
+            },
+            "rounds": rounds,
+            "beta_search": self.beta_search or None,
+            "selected_beta": None if self.selected is None else self.selected.beta,
+            "selected_lambda": None if self.selected is None else self.selected.lam,
+            "selected_test": selected_test,
+            "diagnostics": (
+                {
+                    "batch_size": self.config.diagnostic_batch,
+                    "round_0": self.diagnostics.get("round_0"),
+                    "final": self.diagnostics.get("final"),
+                }
+                if self.config.diagnostic_batch > 0
+                else None
+            ),
+            "update_cache": {
+                "enabled": self.config.update_cache,
+                "dir": str(resolve_cache_dir(self.config.cache_dir) / "updates")
+                if self.config.update_cache
+                else None,
+                "trained": trained,
+                "cached": cached,
+            },
+            "failures": [asdict(f) for f in strategy.failures],
+            "timings": {"total_seconds": total_seconds, "search_seconds": self.search_seconds},
+            "files": {
+                "global_model": "global_model.safetensors" if status == "completed" else None,
+                "base": "base.safetensors",
+                "clients": self.client_files,
+                "train_meta": "clients/train_meta.json" if self.client_files else None,
+            },
+        }
+
+    def csv_rows(self) -> list[dict[str, object]]:
+        rows = []
+        for r in sorted(self.evaluations):
+            for split, evaluations in self.evaluations[r].items():
+                for t, row in enumerate(evaluations):
+                    rows.append(
+                        {
+                            "round": r,
+                            "task": t,
+                            "name": self.suite.eval_tasks[t].name,
+                            "split": split,
+                            "loss": row["loss"],
+                            "accuracy": row["accuracy"],
+                            "finetuned_accuracy": self.finetuned[split].get(t, {}).get("accuracy"),
+                            "normalized_accuracy": self.normalized(t, row["accuracy"], split),
+                        }
+                    )
+        return rows
+
+
+_DIVERSITY: dict[tuple[object, ...], dict[str, object]] = {}  # θ₀'s: shared by a sweep's runs
+
+
+def gradient_diversity_at(
+    suite: TaskSuite, config: RunConfig, state: Mapping[str, torch.Tensor], weights: list[float]
+) -> dict[str, object]:
+    """``fl_sim.federation.diagnostics.measure`` at ``state``, memoised per suite, batch, state and
+    weights.
+    """
+    key = (
+        tuple(sorted(config.suite_config().items())),
+        config.diagnostic_batch,
+        hash_tensors(state),
+        tuple(weights),
+    )
+    if key not in _DIVERSITY:
+        _DIVERSITY[key] = measure_diversity(suite, state, weights, config.diagnostic_batch)
+    return dict(_DIVERSITY[key])
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to results.json")
+
+
+def _csv_text(rows: list[dict[str, object]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
