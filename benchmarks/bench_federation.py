@@ -203,13 +203,14 @@ def rebind(log: SpanLog, targets: Sequence[tuple[object, str, str]]) -> list[tup
 
 def size_toy_suite(size: str | None) -> None:
     """Make ``make_suite("toy", ...)`` build a ToySuite of ``"dim,hidden"`` (None: as shipped)."""
-    import fl_sim.suites.base as tasks
+    import fl_sim.suites.registry as suites
+    from fl_sim.suites.toy import ToySuite
 
     if size:
         dim, hidden = (int(x) for x in size.split(","))
-        tasks.SUITES["toy"] = functools.partial(tasks.ToySuite, dim=dim, hidden=hidden)
+        suites.SUITES["toy"] = functools.partial(ToySuite, dim=dim, hidden=hidden)
     else:
-        tasks.SUITES["toy"] = tasks.ToySuite
+        suites.SUITES["toy"] = ToySuite
 
 
 def worker_setup() -> None:
@@ -217,7 +218,7 @@ def worker_setup() -> None:
     import clients.client_app  # noqa: F401  (loads every module the ClientApp uses)
     import clients.local_training as local_training
     import fl_sim.checkpoints.array_records as array_records
-    import fl_sim.suites.base as tasks
+    import fl_sim.suites.registry as suites
 
     size_toy_suite(os.environ.get(ENV_TOY_SIZE))
     log = SpanLog(Path(os.environ[ENV_SPAN_DIR]) / f"worker-{os.getpid()}.jsonl")
@@ -225,7 +226,7 @@ def worker_setup() -> None:
         (local_training, "fine_tune", "training"),
         (array_records, "record_to_tensors", "serialisation_clients"),
         (array_records, "tensors_to_record", "serialisation_clients"),
-        (tasks, "make_suite", "suite_clients"),
+        (suites, "make_suite", "suite_clients"),
     ]
     rebind(log, targets)
 
@@ -265,8 +266,10 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
 
     import fl_sim.checkpoints.array_records as array_records
     import fl_sim.checkpoints.safetensors_io as safetensors_io
+    import fl_sim.federation.recorder as recorder
     import fl_sim.federation.server_app as server_app
     import fl_sim.suites.base as tasks
+    import fl_sim.suites.registry as suites
     import strategies.flower_strategy as flower_strategy
     import strategies.streaming as streaming
     from fl_sim.federation.simulation import flower_environment, simulate
@@ -277,15 +280,16 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
     targets = [
         (server_app, "run_federation", "run_federation"),
         (server_app, "discover_tasks", "discover_tasks"),
-        (tasks, "make_suite", "suite_server"),
+        (suites, "make_suite", "suite_server"),
         (tasks.TaskSuite, "initial_state", "suite_server"),
         (array_records, "record_to_tensors", "serialisation_server"),
         (array_records, "tensors_to_record", "serialisation_server"),
         (streaming, "aggregate_model", "aggregation"),
-        (tasks, "evaluate", "evaluation"),
-        (tasks, "load_federated_state", "evaluation"),
+        (recorder, "evaluate", "evaluation"),
+        (recorder, "load_federated_state", "evaluation"),
         (safetensors_io, "save_tensors", "files"),
         (server_app, "write_atomically", "files"),
+        (recorder, "write_atomically", "files"),
         (rule, "configure_train", "configure_train"),
         (rule, "aggregate_train", "aggregate_train"),
         (server_app.RunRecorder, "evaluate_round", "evaluate_round"),

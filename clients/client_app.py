@@ -18,7 +18,7 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
 
 Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
 config once), so it runs the same under run_simulation, ``flwr run`` and deployment. The task
-suite is built from the message's suite keys (``fl_sim.suites.suite_config.build_suite``: suite,
+suite is built from the message's suite keys (``fl_sim.suites.registry.build_suite``: suite,
 model,
 data paths, federated layers, mixing, shared head, Dirichlet split), once per process and
 config. One torch thread per client: clients share cores.
@@ -39,7 +39,7 @@ from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_recor
 from fl_sim.errors import ConfigError
 from fl_sim.federation.fault_injection import attack_update
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
-from fl_sim.suites.suite_config import ConfigValue, build_suite, complete
+from fl_sim.suites.registry import ConfigValue, build_suite, complete
 
 app = ClientApp()
 
@@ -55,7 +55,7 @@ def cached_suite(suite_config: tuple[tuple[str, ConfigValue], ...]) -> TaskSuite
 
 
 def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
-    """The suite keys of the message (fl_sim/suites/suite_config.py), optional ones defaulted."""
+    """The suite keys of the message (fl_sim/suites/registry.py), optional ones defaulted."""
     return complete(config)
 
 

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord
 from test_federation import InProcessGrid, task_identity  # noqa: F401  (a fixture)
 
-import fl_sim.suites.base as tasks_module
+import fl_sim.suites.registry as tasks_module
 from clients.client_app import suite_config_of, suite_from_config
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune, generator_seed, make_optimizer, minibatches
@@ -24,16 +24,15 @@ from fl_sim.federation.reference import run_reference
 from fl_sim.federation.server_app import run_federation
 from fl_sim.suites.base import (
     SHARED_HEAD_PREFIX,
-    ToySuite,
     evaluate,
     federated_state,
     load_federated_state,
-    make_suite,
     task_loss,
 )
 from fl_sim.suites.partition import dirichlet_partition, label_entropy, mixing_subset
+from fl_sim.suites.registry import SUITE_DEFAULTS, build_suite, make_suite
 from fl_sim.suites.shared_head import SharedHeadSuite
-from fl_sim.suites.suite_config import SUITE_DEFAULTS, build_suite
+from fl_sim.suites.toy import ToySuite
 from strategies.registry import RuleConfig
 
 T = 3

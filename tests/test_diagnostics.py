@@ -12,7 +12,7 @@ from test_federation import InProcessGrid, config, isolated_cache, task_identity
 
 from fl_sim.federation.diagnostics import gradient_diversity, measure
 from fl_sim.federation.server_app import run_federation
-from fl_sim.suites.base import make_suite
+from fl_sim.suites.registry import make_suite
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
 T = 3

@@ -15,8 +15,9 @@ import torch
 
 from fl_sim.errors import ConfigError
 from fl_sim.suites import digits_data, vit_digits
-from fl_sim.suites.base import FEDERATED_PREFIX, evaluate, federated_state, make_suite
+from fl_sim.suites.base import FEDERATED_PREFIX, evaluate, federated_state
 from fl_sim.suites.digits import DigitsSuite, linear_probe_accuracy
+from fl_sim.suites.registry import make_suite
 
 NUM_TASKS = 8
 # a smaller, faster pre-training than the default, same code path (the key differs, so the

@@ -29,7 +29,7 @@ from fl_sim.config.run_config import RunConfig, help_text, parse_override, read_
 from fl_sim.errors import ConfigError
 from fl_sim.federation.reference import run_reference
 from fl_sim.federation.server_app import run_federation
-from fl_sim.suites.base import make_suite
+from fl_sim.suites.registry import make_suite
 from strategies.flower_strategy import (
     CClipStrategy,
     FederationError,

@@ -13,14 +13,9 @@ import torch
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.suites.base import (
-    FEDERATED_PREFIX,
-    ToySuite,
-    evaluate,
-    federated_state,
-    load_federated_state,
-    make_suite,
-)
+from fl_sim.suites.base import FEDERATED_PREFIX, evaluate, federated_state, load_federated_state
+from fl_sim.suites.registry import make_suite
+from fl_sim.suites.toy import ToySuite
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.errors import CheckpointError, ConfigError
-from fl_sim.suites.base import SPLITS, federated_state, load_federated_state, make_suite
+from fl_sim.suites.base import SPLITS, federated_state, load_federated_state
 from fl_sim.suites.encoders import CLIP_TEMPLATE, load_pretrained, parse_model_spec
 from fl_sim.suites.local_data import read_local_task
+from fl_sim.suites.registry import make_suite
 
 WORDS = "a photo of the cat dog red blue square circle . return list files open"
 

@@ -15,7 +15,8 @@ from clients.knobs import TrainingKnobs, client_knobs
 from clients.local_training import fine_tune
 from fl_sim.errors import ConfigError
 from fl_sim.federation.reference import run_reference
-from fl_sim.suites.base import ToySuite, task_loss
+from fl_sim.suites.base import task_loss
+from fl_sim.suites.toy import ToySuite
 from strategies.registry import RuleConfig
 
 

@@ -17,7 +17,7 @@ from test_federation import (  # noqa: F401 (fixtures)
 
 from fl_sim.errors import ConfigError
 from fl_sim.federation.server_app import RunRecorder, run_federation
-from fl_sim.suites.base import make_suite
+from fl_sim.suites.registry import make_suite
 from strategies.server_step import ServerLrCandidate
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")

@@ -13,8 +13,9 @@ import torch
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.errors import ConfigError
-from fl_sim.suites.base import SPLITS, evaluate, federated_state, load_federated_state, make_suite
+from fl_sim.suites.base import SPLITS, evaluate, federated_state, load_federated_state
 from fl_sim.suites.pretrained import chance_accuracy
+from fl_sim.suites.registry import make_suite
 from fl_sim.suites.stdlib_text import TEXT_TASKS, text_tasks
 
 SMALL = {"train_per_class": 12, "eval_per_class": 10, "max_tokens": 32}

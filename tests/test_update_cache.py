@@ -16,7 +16,7 @@ from test_federation import InProcessGrid, config, isolated_cache, task_identity
 from clients.local_training import fine_tune
 from clients.update_cache import UpdateCache, cached_fine_tune, key_material, update_key
 from fl_sim.federation.server_app import run_federation
-from fl_sim.suites.base import make_suite
+from fl_sim.suites.registry import make_suite
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
 T = 3

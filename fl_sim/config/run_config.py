@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 from clients.knobs import PRESETS, TrainingKnobs, client_knobs
 from fl_sim.errors import ConfigError
 from fl_sim.federation.fault_injection import parse_byzantine, parse_crash, parse_slow
-from fl_sim.suites.suite_config import check_suite_config
+from fl_sim.suites.registry import check_suite_config
 from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
 
 WEIGHTINGS = ("uniform", "examples")

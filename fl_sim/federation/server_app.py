@@ -45,7 +45,7 @@ from fl_sim.config.run_config import RunConfig
 from fl_sim.federation.recorder import RunRecorder, _csv_text, _json_default
 from fl_sim.federation.round_checkpoint import read_checkpoint, write_checkpoint
 from fl_sim.outputs import write_atomically
-from fl_sim.suites.suite_config import build_suite
+from fl_sim.suites.registry import build_suite
 from strategies.flower_strategy import FederationError, make_strategy
 
 RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, mean metrics)

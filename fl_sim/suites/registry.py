@@ -1,4 +1,8 @@
-"""The task suite as run-config keys: what every party needs to build the identical suite.
+"""The suite registry: name → suite, and the suite as run-config keys, which every party needs
+to build the identical suite.
+
+``make_suite(name, **kwargs)`` builds a registered suite (toy, digits, text, local);
+``build_suite(keys)`` builds it from the run-config keys below.
 
 The ServerApp puts ``RunConfig.suite_config()`` (the keys of ``SUITE_DEFAULTS``, kebab-case) into
 every message's ConfigRecord; the ServerApp and every client call ``build_suite`` on it, and the
@@ -24,10 +28,62 @@ and model:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fl_sim.errors import ConfigError
-from fl_sim.suites.base import SUITES, TaskSuite, check_mixing, make_suite
+from fl_sim.suites.base import TaskSuite
+from fl_sim.suites.toy import ToySuite
+
+
+def _digits_suite(**kwargs: object) -> TaskSuite:
+    # imported on use: transformers is slow to load, and a toy run never needs it
+    from fl_sim.suites.digits import DigitsSuite
+
+    return DigitsSuite(**kwargs)
+
+
+def _text_suite(**kwargs: object) -> TaskSuite:
+    # imported on use, as digits
+    from fl_sim.suites.text import TextSuite
+
+    return TextSuite(**kwargs)
+
+
+def _local_suite(**kwargs: object) -> TaskSuite:
+    from fl_sim.suites.local import LocalSuite
+
+    return LocalSuite(**kwargs)
+
+
+SUITES: dict[str, Callable[..., TaskSuite]] = {
+    "toy": ToySuite,
+    "digits": _digits_suite,
+    "text": _text_suite,
+    "local": _local_suite,
+}
+
+
+def make_suite(name: str, *, mixing: float = 0.0, **kwargs: object) -> TaskSuite:
+    """The suite registered as ``name`` ("toy", "digits", "text", "local"), built with ``kwargs``.
+
+    The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
+    folder; see fl_sim/suites/encoders.py); local takes ``paths=[one per task]``.
+    ``mixing`` shares that fraction of every task's training data with every client (module
+    docstring). From a run config's keys: ``fl_sim.suites.registry.build_suite``.
+    """
+    if name not in SUITES:
+        raise ConfigError(f"unknown task suite {name!r}; choose one of {', '.join(SUITES)}")
+    suite = SUITES[name](**kwargs)
+    suite.mixing = check_mixing(mixing)
+    return suite
+
+
+def check_mixing(mixing: object) -> float:
+    """``mixing`` as a float in [0, 1], or a one-line ConfigError."""
+    if isinstance(mixing, bool) or not isinstance(mixing, (int, float)) or not 0 <= mixing <= 1:
+        raise ConfigError(f"mixing must be a number in [0, 1], got {mixing!r} (set mixing=0)")
+    return float(mixing)
+
 
 ConfigValue = bool | int | float | str
 
