@@ -60,7 +60,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# Trap 1 and telemetry (FLOWER.md), before Ray or Flower start: the Ray workers inherit them.
+from fl_sim.outputs import dumps_json, write_json  # the standard library only: no Flower yet
+
+# No venv per run (`uv sync` would pull CUDA torch) and no telemetry (docs/design.md, Running
+# Flower), set before Ray or Flower start: the Ray workers inherit them.
 os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 
@@ -136,7 +139,7 @@ class SpanLog:
             self.spans.append(span)
             if self.sink is not None:
                 with self.sink.open("a", encoding="utf-8") as file:
-                    file.write(json.dumps(asdict(span)) + "\n")
+                    file.write(dumps_json(asdict(span), indent=None) + "\n")
 
     def wrap(self, function: Callable, name: str) -> Callable:
         @functools.wraps(function)
@@ -268,6 +271,7 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
     import fl_sim.checkpoints.safetensors_io as safetensors_io
     import fl_sim.federation.recorder as recorder
     import fl_sim.federation.server_app as server_app
+    import fl_sim.outputs as outputs
     import fl_sim.suites.base as tasks
     import fl_sim.suites.registry as suites
     import strategies.flower_strategy as flower_strategy
@@ -288,8 +292,7 @@ def run_flower(config: object, span_dir: Path, toy_size: str) -> dict[str, objec
         (recorder, "evaluate", "evaluation"),
         (recorder, "load_federated_state", "evaluation"),
         (safetensors_io, "save_tensors", "files"),
-        (server_app, "write_atomically", "files"),
-        (recorder, "write_atomically", "files"),
+        (outputs, "write_atomically", "files"),  # every results file (write_json, write_csv)
         (rule, "configure_train", "configure_train"),
         (rule, "aggregate_train", "aggregate_train"),
         (server_app.RunRecorder, "evaluate_round", "evaluate_round"),
@@ -372,12 +375,12 @@ def run_plain(config: object, suite_factory: Callable[[], object]) -> dict[str, 
         run = reference.run_reference(
             suite,
             config.client_knobs(),
-            RuleConfig(config.strategy),
-            num_rounds=config.num_rounds,
-            server_lr=config.server_lr,
-            a_norm_kind=config.a_norm,
-            weighting=config.weighting,
-            full_batch=config.full_batch,
+            RuleConfig(config.rule.strategy, knobs=config.rule.rule_knobs),
+            num_rounds=config.rule.num_rounds,
+            server_lr=config.rule.server_lr,
+            a_norm_kind=config.training.a_norm,
+            weighting=config.rule.weighting,
+            full_batch=config.training.full_batch,
         )
         end = time.time()
     rows = empty_rows()
@@ -386,8 +389,10 @@ def run_plain(config: object, suite_factory: Callable[[], object]) -> dict[str, 
     wall = end - start
     rows["other"] = wall - sum(rows.values())
     trains, evals = log.named("training"), log.named("evaluation")
-    T = config.num_tasks
-    rounds = [evals[r].end - trains[(r - 1) * T].start for r in range(1, config.num_rounds + 1)]
+    T = config.suite.num_tasks
+    rounds = [
+        evals[r].end - trains[(r - 1) * T].start for r in range(1, config.rule.num_rounds + 1)
+    ]
     return {
         "wall": wall,
         "rows": rows,
@@ -655,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {**s, "ratios": {job: ratios(j) for job, j in s["jobs"].items()}} for s in sizes
             ],
         }
-        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_json(Path(args.json), report)
         print(f"measurements: {args.json}")
     return 0
 

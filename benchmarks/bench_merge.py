@@ -55,6 +55,8 @@ from fl_sim.checkpoints.model_checkpoint import check_compatible, open_checkpoin
 from fl_sim.checkpoints.safetensors_io import SafetensorsFile, save_tensors
 from fl_sim.merge.options import build_merge_options
 from fl_sim.merge.run import run_merge
+from fl_sim.outputs import write_json
+from strategies.cclip import auto_tau_c
 from strategies.registry import RULE_NAMES, make_rule
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
 
@@ -222,12 +224,11 @@ def make_checkpoints(root: Path, size: str, num_clients: int, seed: int = 0) -> 
         models.append(write_model(folder / f"ft{t}", fine_tuned, shape))
     meta = folder / "train_meta.json"
     # Keyed by folder, so the same file serves every T (fednova: heterogeneous local work).
-    meta.write_text(
-        json.dumps(
-            {str(m): {"steps": 100 + 50 * t, "lr_sum": 0.1 * (1 + t)} for t, m in enumerate(models)}
-        )
+    write_json(
+        meta,
+        {str(m): {"steps": 100 + 50 * t, "lr_sum": 0.1 * (1 + t)} for t, m in enumerate(models)},
     )
-    norms = sorted(NOISE * s * math.sqrt(parameters) for s in scales)
+    norms = [NOISE * s * math.sqrt(parameters) for s in scales]  # ‖Δ_t‖₂ ≈ σ_t·√n
     return Checkpoints(
         size=size,
         base=folder / "base",
@@ -236,14 +237,14 @@ def make_checkpoints(root: Path, size: str, num_clients: int, seed: int = 0) -> 
         model_bytes=parameters * 4,
         largest_tensor_bytes=max(math.prod(s) for s in shapes.values()) * 4,
         parameters=parameters,
-        tau_c=norms[len(norms) // 2],
+        tau_c=auto_tau_c(norms),  # the median, as tau-c-auto
     )
 
 
 def write_model(folder: Path, tensors: dict[str, torch.Tensor], shape: BertShape) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / WEIGHTS_FILE, tensors)
-    (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
+    write_json(folder / "config.json", shape.config())
     return folder
 
 
@@ -384,7 +385,7 @@ _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - started
 with open(sys.argv[1], "w") as report:
     json.dump({"seconds": seconds, "maxrss_kib": usage.ru_maxrss,
-               "exit": os.waitstatus_to_exitcode(status)}, report)
+               "exit": os.waitstatus_to_exitcode(status)}, report, allow_nan=False)
 """
 
 
@@ -937,7 +938,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run_benchmark(args)
     print_report(report)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json(args.json, report, default=str)
         print(f"\nwrote {args.json}")
     return 0
 

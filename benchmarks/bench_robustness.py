@@ -18,11 +18,11 @@ table from the results already in ``--out`` (e.g. after an interrupted run).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig
+from fl_sim.outputs import read_json
 from strategies.registry import RULE_NAMES
 
 NUM_CLIENTS = 8
@@ -68,7 +68,7 @@ def table(args: argparse.Namespace) -> str:
             if not path.exists():
                 cells.append("-")
                 continue
-            results = json.loads(path.read_text())
+            results = read_json(path)
             if results["status"] != "completed":
                 cells.append("failed")
                 continue

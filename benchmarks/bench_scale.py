@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import random
@@ -60,7 +57,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fl_sim.outputs import write_atomically
+from fl_sim.outputs import atomic_path, dumps_json, loads_json, read_json, write_csv, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("minilm", "base")
@@ -103,13 +100,12 @@ def write_tasks(folder: Path, count: int, rows: int, seed: int = 0) -> list[Path
         words = rng.sample(WORDS, len(WORDS))
         halves = (words[: len(words) // 2], words[len(words) // 2 :])
         path = folder / f"task_{t:02d}.csv"
-        with path.open("w", encoding="utf-8", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["text", "label"])
-            for i in range(rows):
-                label = i % 2
-                text = " ".join(rng.choice(halves[label]) for _ in range(rng.randint(6, 10)))
-                writer.writerow([f"{text} {i}", "yes" if label else "no"])
+        lines = []
+        for i in range(rows):
+            label = i % 2
+            text = " ".join(rng.choice(halves[label]) for _ in range(rng.randint(6, 10)))
+            lines.append({"text": f"{text} {i}", "label": "yes" if label else "no"})
+        write_csv(path, lines, ["text", "label"])
         paths.append(path)
     return paths
 
@@ -285,7 +281,7 @@ def measure_point(
     """Run ``spec`` in a child process under a MemorySampler; its figures plus the memory."""
     spec_file = Path(str(spec["results_dir"])).with_suffix(".spec.json")
     spec_file.parent.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+    write_json(spec_file, spec)
     command = [sys.executable, str(Path(__file__).resolve()), "--point", str(spec_file)]
     child = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -310,7 +306,7 @@ def measure_point(
     if child.returncode != 0:
         tail = err.strip().splitlines()[-1:] or ["(no stderr)"]
         raise RuntimeError(f"point {spec['model']} T={spec['clients']} failed: {tail[0]}")
-    figures = json.loads(out.strip().splitlines()[-1])
+    figures = loads_json(out.strip().splitlines()[-1])
     figures.update(
         peak_tree_pss_gib=sampler.peak_pss / GIB,
         peak_worker_pss_gib=sampler.peak_worker / GIB,
@@ -382,20 +378,19 @@ def table(points: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(points: Sequence[Mapping[str, object]], path: Path) -> None:
+def write_points_csv(points: Sequence[Mapping[str, object]], path: Path) -> None:
     columns = [
         "model", "clients", "federated_parameters", "round", "round_seconds",
         "aggregation_seconds", "evaluation_seconds", "client_seconds_sum", "client_seconds_max",
         "train_seconds_sum", "peak_tree_pss_gib", "peak_used_rise_gib", "peak_worker_pss_gib",
         "driver_peak_rss_gib", "skipped",
     ]  # fmt: skip
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, columns, extrasaction="ignore")
-    writer.writeheader()
-    for p in points:
-        for entry in p.get("rounds") or [{}]:  # type: ignore[attr-defined]
-            writer.writerow({**p, **entry})
-    write_atomically(path, text.getvalue())
+    rows = [
+        {**p, **entry}
+        for p in points
+        for entry in p.get("rounds") or [{}]  # type: ignore[attr-defined]
+    ]
+    write_csv(path, rows, columns)
 
 
 def plot(points: Sequence[Mapping[str, object]], path: Path) -> None:
@@ -424,10 +419,11 @@ def plot(points: Sequence[Mapping[str, object]], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial, dpi=110)
-    plt.close(figure)
-    os.replace(partial, path)
+    try:
+        with atomic_path(path) as temp:  # the temp name has no .png: give the format
+            figure.savefig(temp, format=path.suffix[1:] or "png", dpi=110)
+    finally:
+        plt.close(figure)
 
 
 def parse_list(text: str, kind: type) -> list:
@@ -479,14 +475,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.point is not None:
-        figures = run_point(json.loads(Path(args.point).read_text(encoding="utf-8")))
-        print(json.dumps(figures))
+        figures = run_point(read_json(Path(args.point)))
+        print(dumps_json(figures, indent=None))  # one line, strict JSON: the parent reads it
         return 0
     if args.from_json is not None:
-        points = json.loads(Path(args.from_json).read_text(encoding="utf-8"))["points"]
+        points = read_json(Path(args.from_json))["points"]
         print(table(points))
         if args.csv:
-            write_csv(points, Path(args.csv))
+            write_points_csv(points, Path(args.csv))
         if args.plot:
             plot(points, Path(args.plot))
         return 0
@@ -552,9 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "points": points,
     }
     if args.json:
-        write_atomically(Path(args.json), json.dumps(report, indent=2))
+        write_json(Path(args.json), report)
     if args.csv:
-        write_csv(points, Path(args.csv))
+        write_points_csv(points, Path(args.csv))
     if args.plot:
         plot(points, Path(args.plot))
     if args.work_dir is None:

@@ -11,7 +11,7 @@ b_0 = g_0, b_k = μ b_{k−1} + g_k, θ ← θ − η_k b_k. Unrolled, b_k = Σ_
 
     a_j = Σ_{k≥j} η_k μ^{k−j},      ‖a_t‖₁ = Σ_k η_k (1 − μ^{k+1}) / (1 − μ),
 
-which with a constant η is η/(1−μ) · (K − μ(1−μ^K)/(1−μ)) (DESIGN.md).
+which with a constant η is η/(1−μ) · (K − μ(1−μ^K)/(1−μ)) (docs/design.md).
 
 AdamW rescales each coordinate by its own second-moment estimate, so no a_t exists; we use
 Σ_k η_k and flag it ``exact = False`` so results can say so. Weight decay is a term of the loss

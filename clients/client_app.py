@@ -9,7 +9,7 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
   a-norm ‖a_t‖₁ of the run's kind, a-norm-steps, a-norm-lr-sum, a-norm-exact, loss-before,
   loss-after, and cached (1 when Δ_t came from the update cache, clients/update_cache.py:
   ``update-cache`` and ``cache-dir`` in the ConfigRecord; off when the server sends none);
-  Declared faults (fl_sim/federation/fault_injection.py) arrive in the ConfigRecord:
+  Declared faults (clients/fault_injection.py) arrive in the ConfigRecord:
   ``inject-failure`` (raise), ``byzantine`` + ``attack-seed`` (the reply carries the attacked Δ_t,
   applied after
   honest training) and ``slow-seconds`` (sleep before replying);
@@ -33,11 +33,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.fault_injection import attack_update
 from clients.knobs import knobs_from_config
 from clients.update_cache import UpdateCache, cached_fine_tune
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
-from fl_sim.federation.fault_injection import attack_update
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
 from fl_sim.suites.registry import ConfigValue, build_suite, complete
 

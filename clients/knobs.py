@@ -1,4 +1,4 @@
-"""Training-heterogeneity knobs: how each client t fine-tunes (DESIGN.md, "Heterogeneity").
+"""Training-heterogeneity knobs: how each client t fine-tunes (docs/design.md, "Heterogeneity").
 
 Every knob of ``client_knobs`` takes, for T clients,
 
@@ -128,6 +128,8 @@ def _parse_scalar(knob: str, text: str, kind: type) -> object:
             f"{knob}: cannot read {text!r} as a number (give a number, a comma list, "
             "or a range log:START:STOP / lin:START:STOP)"
         ) from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{knob}: {text!r} is not a finite number (give finite numbers)")
     if kind is int:
         if value != int(value):
             raise ConfigError(f"{knob}: {text!r} is not an integer (give whole numbers)")

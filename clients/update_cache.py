@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import weakref
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -39,6 +38,7 @@ from safetensors.torch import save as save_safetensors
 import fl_sim
 from clients.knobs import TrainingKnobs, knobs_to_config
 from clients.local_training import LocalResult, fine_tune
+from fl_sim.outputs import read_json, write_atomically, write_json
 from fl_sim.suites.base import TaskSuite
 
 CACHE_VERSION = 1  # bump when local training changes what it returns for the same inputs
@@ -175,7 +175,7 @@ class UpdateCache:
         if not sidecar.is_file():
             return None
         try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+            meta = read_json(sidecar)  # strict JSON: "inf"/"nan" strings back to floats
             payload = weights.read_bytes()
             if meta.get("key") != key:
                 raise ValueError("the entry holds another key")
@@ -194,7 +194,7 @@ class UpdateCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         weights, sidecar = self.paths(key)
         payload = save_safetensors({n: t.contiguous() for n, t in result.update.items()})
-        _write_atomically(weights, payload)
+        write_atomically(weights, payload)
         figures = {k: v for k, v in asdict(result).items() if k != "update"}
         meta = {
             "key": key,
@@ -202,7 +202,7 @@ class UpdateCache:
             "result": figures,
             "material": dict(material),
         }
-        _write_atomically(sidecar, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+        write_json(sidecar, meta, indent=1, sort_keys=True)
 
 
 def _check_fits(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]):
@@ -212,17 +212,6 @@ def _check_fits(update: Mapping[str, torch.Tensor], global_state: Mapping[str, t
         own = global_state[name]
         if tuple(tensor.shape) != tuple(own.shape) or tensor.dtype != own.dtype:
             raise ValueError(f"tensor {name!r} does not fit the model")
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def cached_fine_tune(

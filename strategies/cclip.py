@@ -20,13 +20,16 @@ and the engine may fuse the last pass as it does for FedAvg (``linear_coefficien
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fl_sim.errors import ConfigError
 from strategies.fedavg import fedavg
-from strategies.rule import Chunk, Rule, as_stacked
+from strategies.rule import Chunk, Rule
+from strategies.rule_spec import RuleInputs, RuleKnobs, RuleSpec, knob
 
 
 def check_cclip(tau_c: float, iters: int) -> tuple[float, int]:
@@ -35,6 +38,22 @@ def check_cclip(tau_c: float, iters: int) -> tuple[float, int]:
     if isinstance(iters, bool) or int(iters) != iters or iters < 1:
         raise ConfigError(f"cclip: iters must be an integer ≥ 1, got {iters} (set --iters)")
     return float(tau_c), int(iters)
+
+
+def auto_tau_c(distances: Sequence[float]) -> float:
+    """tau-c-auto: τ_c = median_t ‖Δ_t − v₀‖₂ (even T: the mean of the two middle values)."""
+    return float(statistics.median(distances))
+
+
+def next_center(
+    theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """The next round's v₀: this round's A = (θʳ⁺¹ − θʳ)/β (in float64, then θ's dtype)."""
+    return {
+        name: (merged[name].double() - theta[name].double()).div_(beta).to(merged[name].dtype)
+        for name in merged
+        if merged[name].is_floating_point()
+    }
 
 
 def clip_scales(squared_distance: torch.Tensor, tau_c: float) -> torch.Tensor:
@@ -71,28 +90,6 @@ def squared_distances(deltas: torch.Tensor, center: torch.Tensor | None) -> torc
     return torch.linalg.vecdot(flat, flat).to(torch.float64)
 
 
-def cclip(
-    deltas: Mapping[str, torch.Tensor],
-    weights: torch.Tensor,
-    tau_c: float,
-    iters: int = 1,
-    center: Mapping[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """CCLIP over a whole model held in memory: ``deltas[name]`` is ``[T, ...]`` (Δ_t per row)."""
-    tau_c, iters = check_cclip(tau_c, iters)
-    stacked = {name: as_stacked(d) for name, d in deltas.items()}
-    v: dict[str, torch.Tensor | None] = {
-        name: (None if center is None else center[name]) for name in stacked
-    }
-    for _ in range(iters):
-        squared = sum(squared_distances(d, v[name]).cpu() for name, d in stacked.items())
-        scales = clip_scales(squared, tau_c)
-        v = {name: cclip_step(d, v[name], weights, scales) for name, d in stacked.items()}
-    return {
-        name: (t if t is not None else torch.zeros_like(stacked[name][0])) for name, t in v.items()
-    }
-
-
 class CClip(Rule):
     """CCLIP streamed over chunks in L + 1 passes (see the module docstring)."""
 
@@ -104,9 +101,13 @@ class CClip(Rule):
         tau_c: float,
         iters: int = 1,
         center: Mapping[str, torch.Tensor] | None = None,
+        *,
+        auto: bool = False,
     ) -> None:
         super().__init__(weights)
-        self.tau_c, self.iters = check_cclip(tau_c, iters)
+        # auto (tau-c-auto): τ_c = the median of ‖Δ_t − v₀‖₂, known after pass 0
+        self.auto = auto
+        self.tau_c, self.iters = check_cclip(math.inf if auto else tau_c, iters)
         self.num_passes = self.iters + 1
         self.center = center  # v₀ per tensor name (any shape; read flattened), None = 0
         self._v: dict[tuple[str, int], torch.Tensor] = {}  # v after the latest step, per chunk
@@ -137,6 +138,8 @@ class CClip(Rule):
         self._squared += squared_distances(deltas, center).cpu()
 
     def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0 and self.auto:  # pass 0 measured ‖Δ_t − v₀‖₂²
+            self.tau_c = auto_tau_c(self._squared.sqrt().tolist())
         scales = clip_scales(self._squared, self.tau_c)
         self.scales_per_iteration.append([round(s, 8) for s in scales.tolist()])
         self._scales = scales
@@ -162,6 +165,68 @@ class CClip(Rule):
     def summary(self) -> dict[str, object]:
         return {
             "tau_c": self.tau_c if math.isfinite(self.tau_c) else "inf",
+            "tau_c_auto": self.auto,
             "iters": self.iters,
             "clip_scales_per_iteration": self.scales_per_iteration,
         }
+
+
+MAX_ITERS = 10_000  # L: a bound, so that a typo cannot run for ever
+
+
+@dataclass(frozen=True)
+class CClipKnobs(RuleKnobs):
+    tau_c: float = knob(
+        0.0,
+        "cclip: clipping radius τ_c > 0 in units of ‖Δ_t‖₂ (0 = unset; results list every "
+        "update norm); inf gives fedavg",
+        key="tau-c",
+    )
+    tau_c_auto: bool = knob(
+        False,
+        "cclip: each round, τ_c = the median over clients of ‖Δ_t − v₀‖₂ (needs tau-c = 0); "
+        "a scale-free radius, recorded per round",
+        key="tau-c-auto",
+    )
+    iters: int = knob(1, "cclip: iterations L ≥ 1", key="cclip-iters")
+
+    def check(self) -> None:
+        if not self.tau_c >= 0:  # also rejects NaN
+            raise self.error("tau_c", f"must be > 0 (or 0 = unset), got {self.tau_c}", 5.0)
+        if self.tau_c_auto and self.tau_c != 0:
+            raise self.error(
+                "tau_c", f"is picked by tau-c-auto; drop tau-c = {self.tau_c} (or auto)", 0.0
+            )
+        if not 1 <= self.iters <= MAX_ITERS:
+            raise self.error(
+                "iters", f"must be an integer in [1, {MAX_ITERS}], got {self.iters}", 1
+            )
+
+    @property
+    def is_set(self) -> bool:
+        """A radius is given, or picked each round."""
+        return self.tau_c > 0 or self.tau_c_auto
+
+
+def _build(inputs: RuleInputs) -> CClip:
+    knobs = inputs.knobs
+    if not knobs.is_set:
+        raise ConfigError(
+            "cclip needs tau-c > 0, its clipping radius tau_c in units of ‖Δ_t‖₂ (set tau-c=... "
+            "or tau-c-auto=true; fl-sim merge: --tau-c or --tau-c-auto; the results and "
+            "merge_report.json list every update's norm)"
+        )
+    return CClip(inputs.weights, knobs.tau_c, knobs.iters, inputs.center, auto=knobs.tau_c_auto)
+
+
+SPEC = RuleSpec(
+    name="cclip",
+    title="CCLIP",
+    paper="Karimireddy et al., ICML 2021",
+    formula="v ← v + Σ_t p_t (Δ_t − v)·min(1, τ_c/‖Δ_t − v‖₂), L times from v₀",
+    knobs=CClipKnobs,
+    build=_build,
+    linear=False,
+    paper_scale="sum",
+    carries_center=True,
+)

@@ -9,10 +9,13 @@ Federated Learning", arXiv 2411.18607).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fl_sim.errors import ConfigError
 from strategies.rule import Chunk, Rule, as_stacked
+from strategies.rule_spec import RuleKnobs, RuleSpec
 
 
 def fedavg(deltas: torch.Tensor | list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -52,3 +55,38 @@ class TaskArithmetic(FedAvg):
                 "(or use --method fedavg with --weights and --server-lr)"
             )
         super().__init__(uniform)
+
+
+@dataclass(frozen=True)
+class FedAvgKnobs(RuleKnobs):
+    """FedAvg has no knobs of its own (β and p_t are the run's)."""
+
+
+@dataclass(frozen=True)
+class TaskArithmeticKnobs(RuleKnobs):
+    """Task Arithmetic has no knobs of its own (λ is the run's ``lambda``)."""
+
+
+FEDAVG = RuleSpec(
+    name="fedavg",
+    title="FedAvg",
+    paper="McMahan et al., AISTATS 2017",
+    formula="Σ_t p_t Δ_t",
+    knobs=FedAvgKnobs,
+    build=lambda inputs: FedAvg(inputs.weights),
+    linear=True,
+    paper_scale="sum",
+)
+TASK_ARITHMETIC = RuleSpec(
+    name="task_arithmetic",
+    title="Task Arithmetic",
+    paper="Ilharco et al., ICLR 2023",
+    formula="Σ_t Δ_t / T with β = λT, i.e. θ₀ + λ Σ_t τ_t",
+    knobs=TaskArithmeticKnobs,
+    build=lambda inputs: TaskArithmetic(inputs.weights),
+    linear=True,
+    paper_scale="sum",
+    weighting="uniform",
+    mergekit="task_arithmetic",
+    uses_lambda=True,
+)

@@ -9,11 +9,14 @@ merged coordinate (10 bins on [0, 1]) and the fraction of coordinates that were 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fl_sim.errors import ConfigError
 from strategies.fedavg import fedavg
 from strategies.rule import Chunk, Rule, as_stacked
+from strategies.rule_spec import RuleKnobs, RuleSpec, knob
 
 AGREEMENT_BINS = 10
 # Σ_t p_t sign(Δ_t,j) is a float sum; S_j that equals ρ up to its rounding counts as agreeing.
@@ -79,3 +82,24 @@ class FedGMA(Rule):
             },
             "damped_fraction": self.damped / max(self.coordinates, 1),
         }
+
+
+@dataclass(frozen=True)
+class FedGMAKnobs(RuleKnobs):
+    rho: float = knob(0.5, "fedgma: sign-agreement threshold ρ ∈ [0, 1]", key="rho")
+
+    def check(self) -> None:
+        if not 0.0 <= self.rho <= 1.0:  # also rejects NaN
+            raise self.error("rho", f"must be in [0, 1], got {self.rho}", 0.5)
+
+
+SPEC = RuleSpec(
+    name="fedgma",
+    title="FedGMA",
+    paper="Tenison et al., TMLR 2023",
+    formula="M ⊙ Σ_t p_t Δ_t,  M_j = 1 if |Σ_t p_t sign(Δ_t,j)| ≥ ρ else that agreement",
+    knobs=FedGMAKnobs,
+    build=lambda inputs: FedGMA(inputs.weights, inputs.knobs.rho),
+    linear=False,
+    paper_scale="sum",
+)

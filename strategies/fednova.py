@@ -11,11 +11,14 @@ client's ‖a_t‖₁ is the same.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fl_sim.errors import ConfigError
 from strategies.fedavg import fedavg
 from strategies.rule import Chunk, Rule
+from strategies.rule_spec import RuleInputs, RuleKnobs, RuleSpec
 
 A_NORMS = ("lr-sum", "steps")
 
@@ -68,3 +71,30 @@ class FedNova(Rule):
             "tau_eff": float((self.weights * self.a_norm).sum()),
             "coefficients": self.coefficients.tolist(),
         }
+
+
+@dataclass(frozen=True)
+class FedNovaKnobs(RuleKnobs):
+    """FedNova's only input besides Δ_t is each client's ‖a_t‖₁ (the run's ``a-norm`` kind)."""
+
+
+def _build(inputs: RuleInputs) -> FedNova:
+    if inputs.a_norm is None:
+        raise ConfigError(
+            "fednova needs each client's local steps K_t or learning-rate sum Σ η "
+            "(give --train-meta META.json or put fl_sim_meta.json in each model folder)"
+        )
+    return FedNova(inputs.weights, inputs.a_norm)
+
+
+SPEC = RuleSpec(
+    name="fednova",
+    title="FedNova",
+    paper="Wang et al., NeurIPS 2020",
+    formula="τ_eff · Σ_t p_t Δ_t / ‖a_t‖₁,  τ_eff = Σ_t p_t ‖a_t‖₁",
+    knobs=FedNovaKnobs,
+    build=_build,
+    linear=True,
+    paper_scale="mean",
+    needs_a_norm=True,
+)

@@ -1,19 +1,19 @@
 """Flower strategies for every rule: thin glue around ``make_rule`` and ``aggregate_model``.
 
-    θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T)        (DESIGN.md; the rules live in strategies/<rule>.py)
+    θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T)        (docs/design.md; the rules live in strategies/<rule>.py)
 
-``RuleStrategy`` does what every rule shares: it sends each node its own knobs (the server
-knows node → task from the clients' partition ids), collects Δ_t, records failed clients, and
-calls the same ``aggregate_model(inputs="updates")`` as an offline ``fl-sim merge``, on the
-server device. Each subclass only says how its rule is configured, as Flower's FedMedian
-overrides only ``aggregate_train``:
+``RuleStrategy`` does what every rule shares: it sends each node its ConfigRecord (the server
+knows node → task from the clients' partition ids, and gives each task's own knobs through
+``client_config``), collects Δ_t, records failed clients, and calls the same
+``aggregate_model(inputs="updates")`` as an offline ``fl-sim merge``, on the server device.
+It receives the run's rule section (strategies/rule_section.py: the rule, its knobs, β or λ, the
+grids) and the aggregation settings, nothing else of the run config. Every registered rule
+(strategies/registry.py) gets its class, ``STRATEGIES[name]``, derived from its spec:
 
-- ``FedAvgStrategy``: A = Σ_t p_t Δ_t, β = server-lr.
-- ``TaskArithmeticStrategy``: p_t = 1/T and β = λT, so one round from θ₀ is θ₀ + λ Σ_t τ_t.
-- ``FedNovaStrategy``: ‖a_t‖₁ from the clients' "a-norm" metric.
-- ``FedGMAStrategy``: sign-agreement mask with threshold ρ.
-- ``MedianStrategy``: coordinate-wise median (unweighted).
-- ``CClipStrategy``: centered clipping from v₀ = the previous round's A (0 in round 1).
+- ``uses_lambda`` (task_arithmetic): p_t = 1/T and β = λT, so one round from θ₀ is θ₀ + λ Σ_t τ_t;
+- ``needs_a_norm`` (fednova): ‖a_t‖₁ from the clients' "a-norm" metric (every rule records it);
+- ``carries_center`` (cclip): v₀ = the previous round's A (0 in round 1), kept in checkpoints;
+- ``seeded`` (dare): the rule's seed knob + the round index − 1, recorded in the round's summary.
 
 Every round records p_t, ‖a_t‖₁, the effective weights w_t = p_t‖a_t‖₁ / Σ_i p_i‖a_i‖₁ and
 χ²(p‖w) = Σ_t (p_t − w_t)²/w_t, ‖Δ_t‖₂, which clients answered from the update cache, the rule's
@@ -22,7 +22,7 @@ own figures and the aggregation time.
 β search (``server-lr-grid``; task_arithmetic: ``lambda-grid``, β = λT), one-shot runs only: round
 1 aggregates A once (``strategies/server_step.py``), the ``select_server_lr`` callback (the
 ServerApp, on validation data) picks a grid point, and the round's model is θ₀ + β·A.
-Declared faults (``byzantine``, ``crash``, ``slow``; fl_sim/federation/fault_injection.py) go to
+Declared faults (``byzantine``, ``crash``, ``slow``; clients/fault_injection.py) go to
 each client in its ConfigRecord. ``start`` can resume at a later round
 (fl_sim/federation/round_checkpoint.py) with the state of ``checkpoint_state``/``restore_state``.
 A failed client (an error reply, a reply without Δ_t, an update whose tensors do not match θʳ,
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -48,18 +47,28 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from clients.knobs import knobs_to_config
 from fl_sim.checkpoints.array_records import array_to_tensor, record_to_tensors, tensors_to_record
-from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import FlSimError
 from fl_sim.federation.heterogeneity import chi_square, effective_weights
-from strategies.fedavg import task_arithmetic_server_lr
-from strategies.registry import RuleConfig, make_rule
+from strategies.cclip import next_center
+from strategies.registry import RULES, RuleConfig, make_rule, rule_spec
 from strategies.rule import Rule, client_weights
+from strategies.rule_section import RuleSection
 from strategies.server_step import SelectServerLr, ServerLrCandidate, server_step
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
 
 UpdatesCallback = Callable[[int, dict[int, dict[str, torch.Tensor]]], None]
+ConfigValue = bool | int | float | str
+# (task t, round) → what client t gets in that round's ConfigRecord (its knobs, the suite, faults)
+ClientConfig = Callable[[int, int], Mapping[str, ConfigValue]]
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """How the server aggregates, whatever the rule."""
+
+    device: str = "auto"  # auto, cpu or cuda (strategies/streaming.py resolve_device)
+    min_clients: int = 0  # a round goes on if at least this many replied (0 = all)
 
 
 class FederationError(FlSimError):
@@ -114,22 +123,27 @@ class RuleStrategy(Strategy):
 
     def __init__(
         self,
-        config: RunConfig,
+        rule: RuleSection,
         node_tasks: Mapping[int, int],
         *,
+        settings: AggregationSettings | None = None,
+        client_config: ClientConfig | None = None,
+        evaluate_config: Mapping[str, ConfigValue] | None = None,
         evaluate_on_clients: bool = False,
         on_updates: UpdatesCallback | None = None,
         select_server_lr: SelectServerLr | None = None,
     ) -> None:
-        if config.strategy != self.rule_name:
+        if rule.strategy != self.rule_name:
             raise FlSimError(
-                f"{type(self).__name__} runs {self.rule_name!r}, config says {config.strategy!r}"
+                f"{type(self).__name__} runs {self.rule_name!r}, config says {rule.strategy!r}"
             )
-        self.config = config
+        self.rule = rule
+        self.spec = rule_spec(self.rule_name)
+        self.settings = settings or AggregationSettings()
         self.node_tasks = dict(node_tasks)
-        self.knobs = config.client_knobs()
-        self.faults = config.faults()
-        self.device = resolve_device(config.server_device)
+        self.client_config = client_config or (lambda t, server_round: {})
+        self.evaluate_config = dict(evaluate_config or {})
+        self.device = resolve_device(self.settings.device)
         self.evaluate_on_clients = evaluate_on_clients
         self.on_updates = on_updates
         self.select_server_lr = select_server_lr
@@ -137,32 +151,34 @@ class RuleStrategy(Strategy):
         self.failures: list[ClientFailure] = []
         self._theta: dict[str, torch.Tensor] = {}
         self._sent: dict[int, int] = {}
+        self.previous_update: dict[str, torch.Tensor] | None = None  # v₀ of carries_center rules
 
-    # -- what each rule says -----------------------------------------------------------------
+    # -- what the rule's spec says ------------------------------------------------------------
 
-    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
-        """This rule's RuleConfig for the replying clients (``weights`` None = uniform)."""
-        return RuleConfig(name=self.rule_name, weights=weights)
+    def rule_config(
+        self, weights: list[float] | None, a_norm: list[float], server_round: int
+    ) -> RuleConfig:
+        """This round's RuleConfig for the replying clients (``weights`` None = uniform)."""
+        return self.rule.rule_config(weights, a_norm, server_round)
 
     def server_lr(self, num_clients: int) -> float:
-        """β for a round with ``num_clients`` replies."""
-        return self.config.server_lr
+        """β for a round with ``num_clients`` replies (task_arithmetic: λT)."""
+        return self.rule.server_lr_for(num_clients)
 
     def server_lr_candidates(self, num_clients: int) -> list[ServerLrCandidate]:
-        """The β grid searched in round 1 (``server-lr-grid``); [] = no search."""
-        return [ServerLrCandidate(beta) for beta in self.config.server_lr_candidates()]
-
-    def prepare_round(self, updates: list[dict[str, torch.Tensor]]) -> None:
-        """Look at this round's updates before the rule is built (cclip's tau-c-auto)."""
+        """The β grid searched in round 1 (``server-lr-grid``, or λ ↦ λT); [] = no search."""
+        return self.rule.search_candidates(num_clients)
 
     def center(self) -> Mapping[str, torch.Tensor] | None:
-        """cclip's v₀; None for every other rule."""
-        return None
+        """v₀ of the rules that carry it (cclip): the previous round's A; None otherwise."""
+        return self.previous_update if self.spec.carries_center else None
 
     def after_round(
         self, theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float
     ) -> None:
-        """Hook after aggregation (cclip keeps A for the next round's v₀)."""
+        """cclip keeps A = (θʳ⁺¹ − θʳ)/β for the next round's v₀."""
+        if self.spec.carries_center:
+            self.previous_update = next_center(theta, merged, beta)
 
     # -- checkpoint (fl_sim/federation/round_checkpoint.py) -----------------------------------
 
@@ -171,8 +187,9 @@ class RuleStrategy(Strategy):
         state = {
             "rounds": [record.to_json() for record in self.rounds],
             "failures": [asdict(failure) for failure in self.failures],
+            "has_center": self.previous_update is not None,
         }
-        return state, {}
+        return state, dict(self.previous_update or {})
 
     def restore_state(
         self, state: Mapping[str, object], tensors: Mapping[str, torch.Tensor]
@@ -184,6 +201,11 @@ class RuleStrategy(Strategy):
             record.client_evaluation = {int(t): v for t, v in record.client_evaluation.items()}
             self.rounds.append(record)
         self.failures = [ClientFailure(**entry) for entry in state["failures"]]  # type: ignore[union-attr]
+        self.previous_update = (
+            {name: tensor.clone() for name, tensor in tensors.items()}
+            if state.get("has_center")
+            else None
+        )
 
     # -- Flower's Strategy ---------------------------------------------------------------------
 
@@ -241,13 +263,13 @@ class RuleStrategy(Strategy):
         return result
 
     def summary(self) -> None:
-        c = self.config
         log(
             INFO,
-            "\t├── Rule: %s (β = %s, weighting = %s)",
+            "\t├── Rule: %s (β = %s, weighting = %s, knobs = %s)",
             self.rule_name,
             self.server_lr(len(self.node_tasks)),
-            c.weighting,
+            self.rule.weighting,
+            self.rule.rule_knobs.as_dict(),
         )
         log(
             INFO,
@@ -255,7 +277,7 @@ class RuleStrategy(Strategy):
             len(self.node_tasks),
             sorted(self.node_tasks.values()),
         )
-        log(INFO, "\t├── a-norm: %s, min-clients: %d (0 = all)", c.a_norm, c.min_clients)
+        log(INFO, "\t├── min-clients: %d (0 = all)", self.settings.min_clients)
         log(INFO, "\t└── Aggregation device: %s", self.device)
 
     def configure_train(
@@ -267,18 +289,8 @@ class RuleStrategy(Strategy):
         messages = []
         for node_id, t in sorted(self.node_tasks.items(), key=lambda item: item[1]):
             record = ConfigRecord(dict(config))
-            record.update(knobs_to_config(self.knobs[t]))
-            record.update(self.config.suite_config())
+            record.update(dict(self.client_config(t, server_round)))
             record["server-round"] = server_round
-            record["a-norm"] = self.config.a_norm
-            record["full-batch"] = self.config.full_batch
-            record["update-cache"] = self.config.update_cache
-            record["cache-dir"] = self.config.cache_dir
-            # declared faults (fl_sim/federation/fault_injection.py); the client applies them
-            record["inject-failure"] = (t, server_round) in self.faults.crash
-            record["byzantine"] = self.faults.byzantine.get(t, "")
-            record["attack-seed"] = self.config.seed + t + server_round
-            record["slow-seconds"] = self.faults.slow.get(t, 0.0)
             content = RecordDict({"arrays": arrays, "config": record})
             messages.append(
                 Message(content, node_id, MessageType.TRAIN, group_id=str(server_round))
@@ -298,10 +310,10 @@ class RuleStrategy(Strategy):
         num_examples = [int(m["num-examples"]) for m in metrics]
         a_norm = [float(m["a-norm"]) for m in metrics]
 
-        given = num_examples if self.config.weighting == "examples" else None
+        given = num_examples if self.rule.weighting == "examples" else None
         p = client_weights(len(valid), given).tolist()
-        self.prepare_round(updates)
-        rule = make_rule(self.rule_config(given, a_norm), len(valid), self.center())
+        rule_config = self.rule_config(given, a_norm, server_round)
+        rule = make_rule(rule_config, len(valid), self.center())
         if self.on_updates is not None:  # before aggregating: a β search needs the clients' θ_t
             self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
         candidates = self.server_lr_candidates(len(valid)) if server_round == 1 else []
@@ -403,9 +415,8 @@ class RuleStrategy(Strategy):
         messages = []
         for node_id, _ in sorted(self.node_tasks.items(), key=lambda item: item[1]):
             record = ConfigRecord(dict(config))
-            record.update(self.config.suite_config())
+            record.update(self.evaluate_config)
             record["server-round"] = server_round
-            record["eval-split"] = self.config.eval_split
             content = RecordDict({"arrays": arrays, "config": record})
             messages.append(
                 Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
@@ -506,14 +517,14 @@ class RuleStrategy(Strategy):
 
     def _require_enough(self, server_round: int, replied: int) -> None:
         sent = len(self._sent)
-        need = self.config.min_clients or sent
+        need = self.settings.min_clients or sent
         if replied >= max(need, 1):
             return
         failed = [f for f in self.failures if f.round == server_round and f.phase == "train"]
         first = f"; first: client {failed[0].task}: {failed[0].reason}" if failed else ""
         raise FederationError(
             f"round {server_round}: only {replied} of {sent} clients delivered an update, "
-            f"min-clients = {self.config.min_clients} (0 = all){first}"[:2000]
+            f"min-clients = {self.settings.min_clients} (0 = all){first}"[:2000]
         )
 
 
@@ -539,162 +550,35 @@ def update_norm(update: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(total)
 
 
-class FedAvgStrategy(RuleStrategy):
-    """FedAvg (McMahan et al., 2017): A = Σ_t p_t Δ_t."""
-
-    rule_name = "fedavg"
-
-
-class TaskArithmeticStrategy(RuleStrategy):
-    """Task Arithmetic (Ilharco et al., 2023) as one-shot FedAvg: p_t = 1/T, β = λT."""
-
-    rule_name = "task_arithmetic"
-
-    def server_lr(self, num_clients: int) -> float:
-        return task_arithmetic_server_lr(self.config.lam, num_clients)
-
-    def server_lr_candidates(self, num_clients: int) -> list[ServerLrCandidate]:
-        return [
-            ServerLrCandidate(task_arithmetic_server_lr(lam, num_clients), lam)
-            for lam in self.config.lambda_candidates()
-        ]
+def strategy_class(name: str) -> type[RuleStrategy]:
+    """The Flower strategy of the registered rule ``name`` (``TaskArithmeticStrategy``, ...)."""
+    spec = rule_spec(name)
+    words = re.split(r"[^0-9A-Za-z]+", spec.title)
+    class_name = "".join(w[:1].upper() + w[1:] for w in words if w) + "Strategy"
+    doc = f"{spec.title} ({spec.paper}): A = {spec.formula}."
+    return type(class_name, (RuleStrategy,), {"rule_name": name, "__doc__": doc})
 
 
-class FedNovaStrategy(RuleStrategy):
-    """FedNova (Wang et al., 2020): A = τ_eff Σ_t p_t Δ_t / ‖a_t‖₁ with the clients' ‖a_t‖₁."""
-
-    rule_name = "fednova"
-
-    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
-        return RuleConfig(name=self.rule_name, weights=weights, a_norm=a_norm)
-
-
-class FedGMAStrategy(RuleStrategy):
-    """FedGMA (Tenison et al., 2023): A = M ⊙ Σ_t p_t Δ_t, mask from sign agreement ≥ ρ."""
-
-    rule_name = "fedgma"
-
-    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
-        return RuleConfig(name=self.rule_name, weights=weights, rho=self.config.rho)
-
-
-class MedianStrategy(RuleStrategy):
-    """Coordinate-wise median (Yin et al., 2018) of Δ_1..Δ_T."""
-
-    rule_name = "median"
-
-    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
-        return RuleConfig(name=self.rule_name, median_mode=self.config.median_mode)
-
-
-class CClipStrategy(RuleStrategy):
-    """CCLIP (Karimireddy et al., 2021), centred at the previous round's A (0 in round 1)."""
-
-    rule_name = "cclip"
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.previous_update: dict[str, torch.Tensor] | None = None
-        self.round_tau_c = math.nan
-
-    def rule_config(self, weights: list[float] | None, a_norm: list[float]) -> RuleConfig:
-        return RuleConfig(
-            name=self.rule_name,
-            weights=weights,
-            tau_c=self.round_tau_c if self.config.tau_c_auto else self.config.tau_c,
-            iters=self.config.cclip_iters,
-        )
-
-    def prepare_round(self, updates: list[dict[str, torch.Tensor]]) -> None:
-        """tau-c-auto: τ_c = median_t ‖Δ_t − v₀‖₂ over this round's updates."""
-        if not self.config.tau_c_auto:
-            return
-        center = self.previous_update or {}
-        distances = [
-            update_norm(
-                {
-                    name: delta - center[name] if name in center else delta
-                    for name, delta in update.items()
-                    if delta.is_floating_point()
-                }
-            )
-            for update in updates
-        ]
-        self.round_tau_c = statistics.median(distances)
-
-    def center(self) -> Mapping[str, torch.Tensor] | None:
-        return self.previous_update
-
-    def checkpoint_state(self) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
-        state, tensors = super().checkpoint_state()
-        state["round_tau_c"] = self.round_tau_c
-        state["has_center"] = self.previous_update is not None
-        return state, {**tensors, **(self.previous_update or {})}
-
-    def restore_state(
-        self, state: Mapping[str, object], tensors: Mapping[str, torch.Tensor]
-    ) -> None:
-        super().restore_state(state, tensors)
-        self.round_tau_c = float(state["round_tau_c"])  # type: ignore[arg-type]
-        self.previous_update = (
-            {name: tensor.clone() for name, tensor in tensors.items()}
-            if state["has_center"]
-            else None
-        )
-
-    def after_round(
-        self, theta: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor], beta: float
-    ) -> None:
-        # A = (θʳ⁺¹ − θʳ) / β, the next round's v₀
-        self.previous_update = {
-            name: (merged[name].double() - theta[name].double()).div_(beta).to(merged[name].dtype)
-            for name in merged
-            if merged[name].is_floating_point()
-        }
-
-
-STRATEGIES: dict[str, type[RuleStrategy]] = {
-    cls.rule_name: cls
-    for cls in (
-        TaskArithmeticStrategy,
-        FedAvgStrategy,
-        FedNovaStrategy,
-        FedGMAStrategy,
-        MedianStrategy,
-        CClipStrategy,
-    )
-}
+STRATEGIES: dict[str, type[RuleStrategy]] = {name: strategy_class(name) for name in RULES}
 
 
 def make_strategy(
-    config: RunConfig,
+    rule: RuleSection,
     node_tasks: Mapping[int, int],
-    *,
-    evaluate_on_clients: bool = False,
-    on_updates: UpdatesCallback | None = None,
-    select_server_lr: SelectServerLr | None = None,
+    **kwargs: object,
 ) -> RuleStrategy:
-    """The strategy named by ``config.strategy``."""
-    return STRATEGIES[config.strategy](
-        config,
-        node_tasks,
-        evaluate_on_clients=evaluate_on_clients,
-        on_updates=on_updates,
-        select_server_lr=select_server_lr,
-    )
+    """The strategy of ``rule.strategy`` (keyword arguments: see ``RuleStrategy``)."""
+    return STRATEGIES[rule.strategy](rule, node_tasks, **kwargs)  # type: ignore[arg-type]
 
 
 __all__ = [
     "STRATEGIES",
-    "CClipStrategy",
+    "AggregationSettings",
+    "ClientConfig",
     "ClientFailure",
-    "FedAvgStrategy",
-    "FedGMAStrategy",
-    "FedNovaStrategy",
     "FederationError",
-    "MedianStrategy",
     "RoundRecord",
     "RuleStrategy",
-    "TaskArithmeticStrategy",
     "make_strategy",
+    "strategy_class",
 ]

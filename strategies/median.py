@@ -14,12 +14,14 @@ comparators that reach the middle wire(s), each comparator one elementwise ``min
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 from fl_sim.errors import ConfigError
 from strategies.rule import Chunk, Rule, as_stacked
+from strategies.rule_spec import RuleKnobs, RuleSpec, knob
 
 MEDIAN_MODES = ("mean", "lower")
 
@@ -113,3 +115,26 @@ class Median(Rule):
 
     def summary(self) -> dict[str, object]:
         return {"median_mode": self.mode}
+
+
+@dataclass(frozen=True)
+class MedianKnobs(RuleKnobs):
+    median_mode: str = knob(
+        "mean",
+        "median with even T: mean of the two middle values, or the lower one",
+        key="median-mode",
+        choices=MEDIAN_MODES,
+    )
+
+
+SPEC = RuleSpec(
+    name="median",
+    title="Median",
+    paper="Yin et al., ICML 2018",
+    formula="coordinate-wise median of Δ_1..Δ_T",
+    knobs=MedianKnobs,
+    build=lambda inputs: Median(inputs.weights, inputs.knobs.median_mode),
+    linear=False,
+    paper_scale="mean",
+    weighting="unweighted",
+)

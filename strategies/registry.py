@@ -1,4 +1,9 @@
-"""Rule names → rules, and the one place their knobs are checked.
+"""The rule registry: every aggregation rule, one line each, and how to build one.
+
+A rule is one module of ``strategies/`` that declares its ``RuleSpec`` next to its math
+(strategies/rule_spec.py says what a spec holds). Adding a rule is that module plus one line
+in ``RULES`` below; the run-config keys, ``fl-sim merge`` flags and YAML parameters, the Flower
+strategy and the rule tables are derived from the specs.
 
 The same ``make_rule`` serves a Flower round and ``fl-sim merge``, so a name means the same
 arithmetic everywhere.
@@ -12,72 +17,145 @@ from dataclasses import dataclass
 import torch
 
 from fl_sim.errors import ConfigError
-from strategies.cclip import CClip
-from strategies.fedavg import FedAvg, TaskArithmetic
-from strategies.fedgma import FedGMA
-from strategies.fednova import A_NORMS, FedNova
-from strategies.median import MEDIAN_MODES, Median
+from strategies import cclip, dare, fedavg, fedgma, fednova, median, ties
+from strategies.fednova import A_NORMS
+from strategies.median import MEDIAN_MODES
 from strategies.rule import Rule, client_weights
+from strategies.rule_spec import KnobInfo, RuleInputs, RuleKnobs, RuleSpec
 
-RULE_NAMES = ("task_arithmetic", "fedavg", "fednova", "fedgma", "median", "cclip")
+RULES: dict[str, RuleSpec] = {
+    spec.name: spec
+    for spec in (
+        fedavg.TASK_ARITHMETIC,
+        fedavg.FEDAVG,
+        fednova.SPEC,
+        fedgma.SPEC,
+        median.SPEC,
+        cclip.SPEC,
+        ties.SPEC,
+        dare.SPEC,
+    )
+}
+RULE_NAMES = tuple(RULES)
+# what a compare experiment runs by default: the paper's rules
+PAPER_RULES = ("task_arithmetic", "fedavg", "fednova", "fedgma", "median", "cclip")
 
 
-@dataclass(frozen=True)
+def rule_spec(name: str) -> RuleSpec:
+    """The spec registered as ``name``, or a one-line ConfigError listing the rules."""
+    if name not in RULES:
+        raise ConfigError(
+            f"unknown aggregation rule {name!r}; choose one of {', '.join(RULE_NAMES)}"
+        )
+    return RULES[name]
+
+
+def all_knob_infos() -> list[KnobInfo]:
+    """Every rule's knobs, in registry order (the run-config keys they define are unique)."""
+    return [info for spec in RULES.values() for info in spec.knob_infos()]
+
+
+def default_knobs() -> dict[str, RuleKnobs]:
+    """Rule name → its knobs at their defaults."""
+    return {name: spec.default_knobs() for name, spec in RULES.items()}
+
+
+@dataclass(frozen=True, init=False)
 class RuleConfig:
-    """The knobs of every rule, with DESIGN.md's names; unused knobs are ignored by a rule."""
+    """One rule with its knobs, for one aggregation: name, p_t, ‖a_t‖₁ and the rule's knobs.
+
+    ``RuleConfig("cclip", tau_c=5.0, iters=2)`` builds the knobs from field names;
+    ``RuleConfig("cclip", knobs=CClipKnobs(...))`` takes them as they are. Knobs are validated
+    here, by the rule's knob dataclass.
+    """
 
     name: str
-    weights: Sequence[float] | None = None  # p_t before normalisation; None = uniform
-    a_norm: Sequence[float] | None = None  # ‖a_t‖₁ per client (fednova)
-    rho: float = 0.5  # fedgma
-    median_mode: str = "mean"  # median
-    tau_c: float | None = None  # cclip
-    iters: int = 1  # cclip's L
+    weights: tuple[float, ...] | None  # p_t before normalisation; None = uniform
+    a_norm: tuple[float, ...] | None  # ‖a_t‖₁ per client (fednova; w_t for every rule)
+    knobs: RuleKnobs
+    seed: int
 
-    def __post_init__(self) -> None:
-        if self.name not in RULE_NAMES:
-            raise ConfigError(
-                f"unknown aggregation rule {self.name!r}; choose one of {', '.join(RULE_NAMES)}"
-            )
-        if self.median_mode not in MEDIAN_MODES:
-            raise ConfigError(
-                f"median-mode must be one of {', '.join(MEDIAN_MODES)}, got {self.median_mode!r}"
-            )
+    def __init__(
+        self,
+        name: str,
+        weights: Sequence[float] | None = None,
+        a_norm: Sequence[float] | None = None,
+        knobs: RuleKnobs | None = None,
+        seed: int = 0,
+        **values: object,
+    ) -> None:
+        spec = rule_spec(name)
+        if knobs is None:
+            knobs = spec.knobs.from_values(values)
+        elif values:
+            raise ConfigError(f"{name}: give knobs= or knob values, not both")
+        elif not isinstance(knobs, spec.knobs):
+            raise ConfigError(f"{name}: knobs must be {spec.knobs.__name__}, got {knobs!r}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "weights", None if weights is None else tuple(weights))
+        object.__setattr__(self, "a_norm", None if a_norm is None else tuple(a_norm))
+        object.__setattr__(self, "knobs", knobs)
+        object.__setattr__(self, "seed", int(seed))
+
+    @property
+    def spec(self) -> RuleSpec:
+        return RULES[self.name]
 
 
 def make_rule(
     config: RuleConfig, num_clients: int, center: Mapping[str, torch.Tensor] | None = None
 ) -> Rule:
     """Build the rule ``config.name`` for T = ``num_clients`` clients (``center``: cclip's v₀)."""
+    spec = config.spec
     p = client_weights(num_clients, config.weights)
-    if config.name == "task_arithmetic" and config.weights is not None:
+    if spec.weighting == "uniform" and config.weights is not None:
         raise ConfigError(
-            "task_arithmetic uses uniform weights p_t = 1/T; drop the weights "
+            f"{spec.name} uses uniform weights p_t = 1/T; drop the weights "
             "(or use fedavg with weights and a server learning rate)"
         )
-    if config.name == "median" and config.weights is not None:
-        raise ConfigError("median is unweighted (coordinate-wise median of Δ_t); drop the weights")
-    if config.name == "fedavg":
-        return FedAvg(p)
-    if config.name == "task_arithmetic":
-        return TaskArithmetic(p)
-    if config.name == "fednova":
-        if config.a_norm is None:
-            raise ConfigError(
-                "fednova needs each client's local steps K_t or learning-rate sum Σ η "
-                "(give --train-meta META.json or put fl_sim_meta.json in each model folder)"
-            )
-        return FedNova(p, config.a_norm)
-    if config.name == "fedgma":
-        return FedGMA(p, config.rho)
-    if config.name == "median":
-        return Median(p, config.median_mode)
-    if config.tau_c is None:
-        raise ConfigError(
-            "cclip needs a clipping radius tau_c > 0 in the units of ‖Δ_t‖₂ (set --tau-c; "
-            "merge_report.json lists every task vector's norm)"
+    if spec.weighting == "unweighted" and config.weights is not None:
+        raise ConfigError(f"{spec.name} is unweighted ({spec.formula}); drop the weights")
+    a_norm = None if config.a_norm is None else torch.tensor(config.a_norm, dtype=torch.float64)
+    inputs = RuleInputs(
+        weights=p, knobs=config.knobs, a_norm=a_norm, center=center, seed=config.seed
+    )
+    return spec.build(inputs)
+
+
+def server_lr_for_lambda(name: str, lam: float, num_clients: int) -> float:
+    """β from the paper's λ: λT for the rules whose paper form sums task vectors, else λ."""
+    return lam * (num_clients if rule_spec(name).paper_scale == "sum" else 1)
+
+
+def rule_table() -> str:
+    """The rules as a Markdown table (README, ``--help``): name, A, knobs, λ ↦ β, paper."""
+    lines = [
+        "| rule | A(Δ₁..Δ_T) | knobs (run-config key) | paper λ ↦ β | paper |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in RULES.values():
+        keys = ", ".join(f"`{i.key}`" for i in spec.knob_infos()) or "—"
+        if spec.uses_lambda:
+            keys = "`lambda`" + ("" if keys == "—" else f", {keys}")
+        scale = "β = λT" if spec.paper_scale == "sum" else "β = λ"
+        formula = spec.formula.replace("|", "\\|")  # a Markdown cell
+        lines.append(
+            f"| `{spec.name}` | {formula} | {keys} | {scale} | {spec.title}, {spec.paper} |"
         )
-    return CClip(p, config.tau_c, config.iters, center)
+    return "\n".join(lines) + "\n"
 
 
-__all__ = ["A_NORMS", "MEDIAN_MODES", "RULE_NAMES", "RuleConfig", "make_rule"]
+__all__ = [
+    "A_NORMS",
+    "MEDIAN_MODES",
+    "PAPER_RULES",
+    "RULES",
+    "RULE_NAMES",
+    "RuleConfig",
+    "all_knob_infos",
+    "default_knobs",
+    "make_rule",
+    "rule_spec",
+    "rule_table",
+    "server_lr_for_lambda",
+]

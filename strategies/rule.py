@@ -1,6 +1,6 @@
 """The shape every aggregation rule shares.
 
-A rule computes the server's mean-like update A(Δ₁..Δ_T) (DESIGN.md), so that
+A rule computes the server's mean-like update A(Δ₁..Δ_T) (docs/design.md), so that
 θʳ⁺¹ = θʳ + β · A for every rule with the same meaning of β.
 
 Rules see the federated parameter vector one *chunk* at a time: a contiguous slice of one
@@ -8,8 +8,11 @@ flattened tensor, given as ``deltas`` of shape ``[T, n]`` (row t is client t's �
 Coordinate-wise rules (fedavg, fednova, fedgma, median) need nothing else. Rules whose
 arithmetic couples coordinates through a whole-model quantity (cclip's norm ‖Δ_t − v‖₂) ask for
 extra passes over the chunks: ``num_passes`` passes, ``observe`` on every chunk of every pass but
-the last, ``end_pass`` after each, and ``aggregate`` on every chunk of the last. The same rule
-object therefore serves an in-memory Flower round and a streamed offline merge.
+the last, ``end_pass`` after each, and ``aggregate`` on every chunk of the last. Rules whose
+arithmetic needs a whole tensor at once (ties' per-tensor top-k magnitude trimming, dare's
+per-tensor seeded masks) set ``whole_tensors``: each chunk is then one whole flattened tensor,
+whatever the engine's chunk size. The same rule object therefore serves an in-memory Flower
+round and a streamed offline merge.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Rule(ABC):
 
     name: str = ""
     num_passes: int = 1
+    whole_tensors: bool = False  # True: every chunk is a whole tensor (deltas [T, numel])
 
     def __init__(self, weights: torch.Tensor) -> None:
         self.weights = weights

@@ -2,16 +2,19 @@
 
 A one-shot run with a β (or λ) grid aggregates the clients' updates once, into A itself (the
 engine run from a zero base with β = 1), then evaluates θ₀ + β·A for every β of the grid on
-validation data; no β re-aggregates. Every rule's A is mean-like (DESIGN.md), so one grid of β
-means the same for all of them; task_arithmetic's λ is β = λT.
+validation data; no β re-aggregates. Every rule's A is mean-like (docs/design.md), so one grid
+of β means the same for all of them; task_arithmetic's λ is β = λT.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fl_sim.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,4 +43,30 @@ def server_step(
     }
 
 
-__all__ = ["SelectServerLr", "ServerLrCandidate", "server_step"]
+def parse_grid(key: str, text: str) -> list[float]:
+    """``"0.1, 0.2,0.5"`` → [0.1, 0.2, 0.5]; '' → []; every value finite and > 0, no repeats."""
+    if not text.strip():
+        return []
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(
+                f"{key}: cannot read {item.strip()!r} as a number "
+                f'(give a comma list, e.g. {key}="0.1,0.2,0.3")'
+            ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: every value must be a finite number > 0, got {value}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key}: {text!r} lists a value twice")
+    return values
+
+
+__all__ = [
+    "SelectServerLr",
+    "ServerLrCandidate",
+    "parse_grid",
+    "server_step",
+]

@@ -6,12 +6,23 @@
 A Flower round (θ₀ = θʳ, updates from the clients) and an offline ``fl-sim merge`` (θ₀ = the
 base, fine-tuned models from disk) both run through ``aggregate_model``.
 
-Speed: every float tensor is cut into chunks of ``chunk_size`` elements; for each chunk the
-clients' Δ_t are written into one reused ``[T, chunk]`` buffer that stays in cache, the rule
-reduces it, and the result is written once into a reused output buffer. Each input byte is read
-once per pass and nothing of model size is allocated. Rules that are linear (A = Σ_t c_t Δ_t) and
-need no statistics skip Δ altogether: θ' = (1 − β Σ_t c_t) θ₀ + β Σ_t c_t θ_t. A multi-pass rule
-that is linear once it has seen the earlier passes (cclip from v₀ = 0) does the same on its last.
+Speed: every float tensor is cut into chunks of ``chunk_size`` elements (a rule with
+``whole_tensors`` gets each tensor as one chunk); for each chunk the clients' Δ_t are written into
+one reused ``[T, chunk]`` buffer that stays in cache, the rule reduces it, and the result is
+written once into a reused output buffer. Each input byte is read once per pass and nothing of
+model size is allocated. Δ_t is computed in the tensor's compute dtype (float32, or float64 for a
+float64 tensor; bfloat16/float16 inputs are widened before subtracting).
+
+Linear rules (A = Σ_t c_t Δ_t, ``linear_coefficients``; also a multi-pass rule that is linear once
+it has seen the earlier passes, cclip from v₀ = 0, on its last) take one path whether or not
+statistics are asked for: θ' = θ₀ + Σ_t (β c_t) Δ_t, added client by client in client order, with
+no [n] aggregate in between; the statistics (the Gram matrix of Δ) are a side pass over the same
+Δ rows and change nothing in θ'. It is Δ-based rather than (1 − β Σ_t c_t) θ₀ + β Σ_t c_t θ_t on
+the models because of this: a Flower round adds the clients' Δ_t = fl(θ_t − θ₀) as sent, and
+``fl-sim merge`` from the checkpoints the run saves, θ₀ ⊕ Δ_t, recomputes (θ₀ ⊕ Δ_t) ⊖ θ₀, which is
+Δ_t again bit for bit (exact whenever θ_t − θ₀ is, by Sterbenz's lemma, and so on 10⁸ random
+float32 pairs of every magnitude otherwise), so with the same β c_t in the same order one-shot
+FedAvg through Flower and the offline task_arithmetic merge give bit-identical models.
 
 On the CPU the engine runs on one thread: per 1 MiB chunk an op is too short to share, and with
 the second core busy (a shared machine) every op waits for a descheduled thread at its barrier.
@@ -159,6 +170,8 @@ def _aggregate_model(
     chunk_size = options.chunk_size or (CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
     floats = [p for p in plans if p.dtype.is_floating_point]
     largest = max((p.numel for p in plans), default=0)
+    if rule.whole_tensors:  # one chunk per tensor: the buffer is [T, the largest float tensor]
+        chunk_size = max((p.numel for p in floats), default=1)
     widest = torch.float64 if any(p.dtype == torch.float64 for p in floats) else torch.float32
     deltas_buffer = torch.empty(
         num_clients, min(chunk_size, max(largest, 1)), dtype=widest, device=device
@@ -173,17 +186,24 @@ def _aggregate_model(
     def load(plan: TensorPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return base(plan.name).reshape(-1), [get(plan.name).reshape(-1) for get in clients]
 
+    def fill_delta(row: torch.Tensor, x_chunk: torch.Tensor, base_chunk: torch.Tensor) -> None:
+        """row = Δ_t on this chunk, computed in row's dtype for bfloat16/float16 inputs."""
+        if options.inputs == "updates":
+            row.copy_(x_chunk)
+        elif x_chunk.dtype.itemsize < 4:  # torch.sub would round Δ to the inputs' dtype
+            row.copy_(x_chunk).sub_(base_chunk)
+        else:
+            torch.sub(x_chunk, base_chunk, out=row)
+
     def fill_deltas(
         plan: TensorPlan, theta0: torch.Tensor, inputs: list[torch.Tensor], chunk: Chunk
     ) -> torch.Tensor:
         delta = deltas_buffer[:, : chunk.stop - chunk.start]
         base_chunk = theta0[chunk.start : chunk.stop].to(device, non_blocking=True)
         for t, x in enumerate(inputs):
-            x_chunk = x[chunk.start : chunk.stop].to(device, non_blocking=True)
-            if options.inputs == "models":
-                torch.sub(x_chunk, base_chunk, out=delta[t])
-            else:
-                delta[t].copy_(x_chunk)
+            fill_delta(
+                delta[t], x[chunk.start : chunk.stop].to(device, non_blocking=True), base_chunk
+            )
         if not is_finite(delta):
             raise_non_finite(plan, chunk, [theta0, *inputs], [options.base_name, *names], beta)
         return delta
@@ -199,10 +219,8 @@ def _aggregate_model(
 
     # Asked only now: a multi-pass rule may become linear once it has seen the earlier passes.
     coefficients = rule.linear_coefficients()
-    fused = coefficients is not None and not options.statistics
-    if fused:
-        # θ' = (1 − β Σ c_t) θ₀ + β Σ c_t θ_t   (updates: θ' = θ₀ + β Σ c_t Δ_t)
-        c0 = 1.0 - beta * float(coefficients.sum()) if options.inputs == "models" else 1.0
+    linear = coefficients is not None
+    if linear:  # θ' = θ₀ + Σ_t (β c_t) Δ_t, one client at a time (module docstring)
         alphas = [beta * c_t for c_t in coefficients.tolist()]
     merged_buffer = torch.empty_like(deltas_buffer[0])
     out_buffers: dict[torch.dtype, torch.Tensor] = {}
@@ -222,24 +240,33 @@ def _aggregate_model(
             target = out[chunk.start : chunk.stop]
             merged = target if in_place else merged_buffer[: chunk.stop - chunk.start]
             base_chunk = theta0[chunk.start : chunk.stop].to(device, non_blocking=True)
-            if fused:
-                torch.mul(base_chunk, c0, out=merged)
-                for alpha, x in zip(alphas, inputs, strict=True):
+            if linear:
+                # Δ_t into its row of the buffer (row 0 for every client when no statistics are
+                # kept, so that one row stays hot; updates in the compute dtype are added as is)
+                delta = deltas_buffer[:, : chunk.stop - chunk.start]
+                if not inputs:
+                    merged.copy_(base_chunk)
+                for t, (alpha, x) in enumerate(zip(alphas, inputs, strict=True)):
                     x_chunk = x[chunk.start : chunk.stop].to(device, non_blocking=True)
-                    merged.add_(x_chunk, alpha=alpha)
-                if not is_finite(merged):
-                    raise_non_finite(
-                        plan, chunk, [theta0, *inputs], [options.base_name, *names], beta
-                    )
+                    if statistics is None and options.inputs == "updates":
+                        row = x_chunk
+                    else:
+                        row = delta[t if statistics is not None else 0]
+                        fill_delta(row, x_chunk, base_chunk)
+                    if t == 0:  # θ₀ + α₀Δ₀ straight into θ', the same rounding as copy + add_
+                        torch.add(base_chunk, row, alpha=alpha, out=merged)
+                    else:
+                        merged.add_(row, alpha=alpha)
+                if statistics is not None:  # a side pass: θ' is the same with or without it
+                    statistics.add(delta)
             else:
                 delta = fill_deltas(plan, theta0, inputs, chunk)
                 if statistics is not None:
                     statistics.add(delta)
                 torch.add(base_chunk, rule.aggregate(chunk, delta), alpha=beta, out=merged)
-                if not is_finite(merged):
-                    raise_non_finite(
-                        plan, chunk, [theta0, *inputs], [options.base_name, *names], beta
-                    )
+            # A NaN/Inf in an input or in Δ reaches θ' (even at c_t = 0: 0·NaN is NaN).
+            if not is_finite(merged):
+                raise_non_finite(plan, chunk, [theta0, *inputs], [options.base_name, *names], beta)
             if not in_place:
                 target.copy_(merged)
         if on_tensor_done:

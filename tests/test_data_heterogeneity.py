@@ -1,7 +1,7 @@
-"""Data heterogeneity (DESIGN.md): mixing, Dirichlet label skew with a shared head, and the suite
-keys that carry them (and the model, data paths, federated layers) to every party.
+"""Data heterogeneity (docs/design.md): mixing, Dirichlet label skew with a shared head, and the
+suite keys that carry them (and the model, data paths, federated layers) to every party.
 
-Fast: toy suite, no Ray; the ServerApp and the real ClientApp meet through test_federation's
+Fast: toy suite, no Ray; the ServerApp and the real ClientApp meet through tests/helpers.py's
 InProcessGrid.
 """
 
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord
-from test_federation import InProcessGrid, task_identity  # noqa: F401  (a fixture)
+from helpers import InProcessGrid
 
 import fl_sim.suites.registry as tasks_module
 from clients.client_app import suite_config_of, suite_from_config
@@ -234,7 +234,7 @@ def test_shared_head_federates_the_head_and_trains_it():
         assert torch.equal(suite.tasks[t].test_y, suite.task.test_y)
 
 
-def test_shared_head_federation_in_process_runs_and_writes_results(tmp_path, task_identity):  # noqa: F811
+def test_shared_head_federation_in_process_runs_and_writes_results(tmp_path, task_identity):
     cfg = config(
         **{
             "shared-head": True,
@@ -302,7 +302,7 @@ def test_model_data_paths_and_federated_layers_reach_the_suite(monkeypatch):
             "federated-layers": 3,
         }
     )
-    assert cfg.federated_layers == "3"
+    assert cfg.suite.federated_layers == "3"
     suite_from_config(ConfigRecord(cfg.suite_config()))
     assert seen == {
         "seed": 0,

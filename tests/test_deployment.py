@@ -12,7 +12,7 @@ the certificates of ``scripts/make_certs.sh`` and the docker-compose layout (Sup
 ``--isolation process``, a separate ``flower-superexec`` for ServerApps, SuperNodes with
 ``--root-certificates``). Every process started here carries this test's FLWR_HOME in its
 environment; the fixture stops them and their children by PID, passed or failed, and asserts
-none is left (helpers from test_flwr_run).
+none is left (helpers from tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_flwr_run import (
+from helpers import (
     SHORT_RUN,
     free_port,
     run_config_text,
@@ -40,6 +39,7 @@ from test_flwr_run import (
     started_under,
     stop_processes,
 )
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -99,7 +99,7 @@ def deployment_env(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
-        # FLOWER.md trap 1, telemetry, no update check (no network here)
+        # no venv per run (`uv sync` would pull CUDA torch), no telemetry, no update check
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_federation import InProcessGrid, config, isolated_cache, task_identity  # noqa: F401 (fixtures)
+from helpers import InProcessGrid, config
 
 from fl_sim.federation.diagnostics import gradient_diversity, measure
 from fl_sim.federation.server_app import run_federation

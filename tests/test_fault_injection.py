@@ -1,4 +1,4 @@
-"""Declared faults (fl_sim/federation/fault_injection.py): Byzantine updates, crashes and slow
+"""Declared faults (clients/fault_injection.py): Byzantine updates, crashes and slow
 clients.
 
 In-process (``InProcessGrid``: the real ClientApp and ServerApp, no Ray). The claims:
@@ -7,7 +7,6 @@ and the round goes on with ≥ min-clients; a scaled attacker drags FedAvg far f
 aggregate while median and centred clipping stay close.
 """
 
-# ruff: noqa: F811  (the fixtures imported from test_federation are used as arguments)
 from __future__ import annotations
 
 import math
@@ -17,23 +16,19 @@ from collections.abc import Iterable
 import pytest
 import torch
 from flwr.app import Message
+from helpers import InProcessGrid, config
 from safetensors.torch import load_file
-from test_federation import (  # noqa: F401  (fixtures)
-    InProcessGrid,
-    config,
-    isolated_cache,
-    one_thread,
-    task_identity,
-)
 
-from fl_sim.errors import ConfigError
-from fl_sim.federation.fault_injection import (
+from clients.fault_injection import (
     attack_update,
     parse_byzantine,
     parse_crash,
     parse_slow,
 )
+from fl_sim.errors import ConfigError
 from fl_sim.federation.server_app import run_federation
+
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
 
 def global_model(results_dir) -> dict[str, torch.Tensor]:
@@ -77,7 +72,7 @@ def test_fault_keys_parse_into_per_client_faults():
         fail_round=4,
         min_clients=1,
     )
-    faults = cfg.faults()
+    faults = cfg.declared_faults()
     assert faults.byzantine == {0: "scale:-10", 2: "gaussian:0.5"}
     assert faults.crash == {(1, 2), (1, 3), (0, 4)}  # fail-client / fail-round kept working
     assert faults.slow == {2: 1.5}

@@ -11,110 +11,29 @@ engine) holding several runs, and check the paper's identity end to end:
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from helpers import InProcessGrid, assert_states_close, config
 from safetensors.torch import load_file
 
-from clients.client_app import app as client_app
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.cli.main import main as cli_main
 from fl_sim.config.run_config import RunConfig, help_text, parse_override, read_toml, toml_table
 from fl_sim.errors import ConfigError
 from fl_sim.federation.reference import run_reference
 from fl_sim.federation.server_app import run_federation
+from fl_sim.federation.server_app import strategy_for as make_strategy
 from fl_sim.suites.registry import make_suite
-from strategies.flower_strategy import (
-    CClipStrategy,
-    FederationError,
-    FedNovaStrategy,
-    make_strategy,
-)
+from strategies.flower_strategy import STRATEGIES, FederationError
 from strategies.registry import RuleConfig
-
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 LAM = 0.3
 T = 3
-BASE = {
-    "experiment": "single",
-    "task-suite": "toy",
-    "optimizer": "sgd",
-    "preset": "none",
-    "num-tasks": T,
-    "local-steps": 8,
-    "lr": 0.05,
-}
-
-
-def config(**values: object) -> RunConfig:
-    return RunConfig.from_mapping({**BASE, **{k.replace("_", "-"): v for k, v in values.items()}})
-
-
-def assert_states_close(actual, expected, atol=1e-6):
-    assert sorted(actual) == sorted(expected)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=name)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    """The update cache's default folder ($FL_SIM_CACHE) in this test's tmp_path."""
-    monkeypatch.setenv("FL_SIM_CACHE", str(tmp_path / "fl-sim-cache"))
-
-
-@pytest.fixture
-def task_identity():
-    """What run_simulation sets before a ServerApp builds Messages."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class InProcessGrid:
-    """A Grid whose nodes run the real ClientApp in this process (node id 100 + t → task t)."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.contexts = {
-            100 + t: Context(
-                run_id=7,
-                node_id=100 + t,
-                node_config={"partition-id": t, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for t in range(num_nodes)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            try:
-                replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as error:  # as Flower's engines do: an error reply, not a crash
-                replies.append(
-                    Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=msg)
-                )
-        return replies
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +79,12 @@ def test_run_config_reads_toml_and_overrides(tmp_path):
         'lr = "log:0.01:0.1"\n'
     )
     cfg = RunConfig.from_sources(path, ["num-rounds=5", "a-norm=steps", "tau-c=inf"])
-    assert (cfg.strategy, cfg.num_rounds, cfg.a_norm, cfg.tau_c) == (
+    assert (
+        cfg.rule.strategy,
+        cfg.rule.num_rounds,
+        cfg.training.a_norm,
+        cfg.rule.knobs["cclip"].tau_c,
+    ) == (
         "fednova",
         5,
         "steps",
@@ -270,7 +194,7 @@ def test_fednova_strategy_effective_weights_follow_the_clients_a_norm(task_ident
     updates = {t: {"w": torch.tensor([float(t + 1)])} for t in range(T)}
     a = {0: 1.0, 1: 2.0, 2: 3.0}
     strategy = make_strategy(config(strategy="fednova"), {100: 0, 101: 1, 102: 2})
-    assert isinstance(strategy, FedNovaStrategy)
+    assert isinstance(strategy, STRATEGIES["fednova"])
     arrays, _ = fake_round(strategy, theta, updates, metrics={t: {"a-norm": a[t]} for t in a})
     record = strategy.rounds[0]
     w = [x / 6 for x in (1.0, 2.0, 3.0)]
@@ -286,7 +210,7 @@ def test_cclip_strategy_centres_round_two_at_round_one_update(task_identity):
     strategy = make_strategy(
         config(strategy="cclip", tau_c=10.0, server_lr=0.5), {100: 0, 101: 1, 102: 2}
     )
-    assert isinstance(strategy, CClipStrategy) and strategy.center() is None
+    assert isinstance(strategy, STRATEGIES["cclip"]) and strategy.center() is None
     fake_round(strategy, theta, updates)
     torch.testing.assert_close(strategy.center()["w"], torch.tensor([1.0, 0.0]))  # A, not β·A
     assert strategy.rounds[0].update_norms == pytest.approx([1.0] * T)

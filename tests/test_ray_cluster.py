@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHORT_RUN, free_port, running, started_under, stop_processes
 from safetensors.torch import load_file
-from test_flwr_run import SHORT_RUN, free_port, running, started_under, stop_processes
 
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
@@ -153,14 +153,14 @@ def config_with(tmp_path: Path, **keys: object) -> RunConfig:
 
 
 def test_client_resources_are_run_config_keys(tmp_path):
-    assert (RunConfig().client_num_cpus, RunConfig().client_num_gpus) == (1.0, 0.0)
+    assert (RunConfig().engine.client_num_cpus, RunConfig().engine.client_num_gpus) == (1.0, 0.0)
     toml = tmp_path / "run.toml"
     toml.write_text("client-num-cpus = 2\nclient-num-gpus = 0.5\n")
     from_file = RunConfig.from_sources(toml, ["client-num-gpus=0.25"])
-    assert (from_file.client_num_cpus, from_file.client_num_gpus) == (2.0, 0.25)
+    assert (from_file.engine.client_num_cpus, from_file.engine.client_num_gpus) == (2.0, 0.25)
     assert from_file.to_mapping()["client-num-cpus"] == 2.0
     given = RunConfig.from_mapping({"client-num-cpus": "0.5", "client-num-gpus": 1})
-    assert (given.client_num_cpus, given.client_num_gpus) == (0.5, 1.0)
+    assert (given.engine.client_num_cpus, given.engine.client_num_gpus) == (0.5, 1.0)
 
 
 def test_client_resources_reach_flowers_backend_config(tmp_path, backend_config):

@@ -1,4 +1,5 @@
-"""The plain-PyTorch reference loop (fl_sim/federation/reference.py) against DESIGN.md's identities.
+"""The plain-PyTorch reference loop (fl_sim/federation/reference.py) against docs/design.md's
+identities.
 
 Each expected model is computed here independently of the loop and of strategies/: centralised
 gradient descent with torch.autograd, and θ₀ + λ Σ_t τ_t from separately fine-tuned clients.
@@ -40,7 +41,7 @@ def assert_states_close(actual, expected, atol=1e-6):
 
 
 def test_multi_round_fedavg_with_one_full_batch_step_is_centralised_gradient_descent(suite):
-    """DESIGN identity 5: K_t = 1, full batch, equal η and n_t, β = 1 → GD on Σ_t L_t / T."""
+    """docs/design.md identity 5: K_t = 1, full batch, equal η, n_t, β = 1 → GD on Σ_t L_t / T."""
     eta, rounds, T = 0.5, 3, suite.num_tasks
     knobs = client_knobs(T, lr=eta, local_steps=1)
     run = run_reference(

@@ -5,7 +5,6 @@ In-process first (a grid that dies in round 3, then ``resume = true``), for a st
 own session, SIGKILLed after the round-2 checkpoint, resumed with ``--resume``.
 """
 
-# ruff: noqa: F811  (the fixtures imported from test_federation are used as arguments)
 from __future__ import annotations
 
 import contextlib
@@ -21,20 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Message, MessageType
+from helpers import InProcessGrid, config
 from safetensors.torch import load_file
-from test_federation import (  # noqa: F401  (fixtures)
-    InProcessGrid,
-    config,
-    isolated_cache,
-    one_thread,
-    task_identity,
-)
 
 from fl_sim.errors import ConfigError
 from fl_sim.federation.round_checkpoint import checkpoint_path, read_checkpoint
 from fl_sim.federation.server_app import run_federation
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
 
 class ServerDies(BaseException):

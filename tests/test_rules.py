@@ -1,8 +1,8 @@
-"""The aggregation rules A(Δ₁..Δ_T) of DESIGN.md, checked as the paper's claims.
+"""The aggregation rules A(Δ₁..Δ_T) of docs/design.md, checked as the paper's claims.
 
 1. Every rule against numbers worked out by hand on tiny tensors (and cclip against an
    independent float64 implementation written here with plain loops).
-2. DESIGN.md's "Identities that are tests", at rule level.
+2. docs/design.md's "Identities that are tests", at rule level.
 3. The chunked Rule protocol (strategies/rule.py) equals the whole-tensor function.
 4. Properties: invariance to the order of the clients, equivariance to scaling.
 5. Bad knobs raise a one-line ConfigError.
@@ -16,18 +16,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cclip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fl_sim.errors import ConfigError
-from strategies.cclip import CClip, cclip
+from strategies.cclip import CClip, auto_tau_c, next_center
 from strategies.fedavg import FedAvg, TaskArithmetic, fedavg, task_arithmetic_server_lr
 from strategies.fedgma import FedGMA, fedgma
 from strategies.fednova import fednova, fednova_coefficients
 from strategies.median import Median, median
 from strategies.registry import RULE_NAMES, RuleConfig, make_rule
 from strategies.rule import Chunk, Rule, client_weights
+from strategies.streaming import AggregationOptions, TensorPlan, UpdateStatistics, aggregate_model
 
 F64 = torch.float64
 VALUES = st.floats(-100.0, 100.0, allow_nan=False, allow_infinity=False, allow_subnormal=False)
@@ -221,6 +223,9 @@ def test_cclip_does_not_clip_a_client_exactly_at_the_radius():
     # client 1: (3, 4) ‖·‖ = 5 = τ_c → s = 1;  client 2: (0, 0) → s = 1.  A = (1.5, 2).
     deltas = {"x": t64([[3.0, 4.0], [0.0, 0.0]])}
     close(cclip(deltas, client_weights(2), tau_c=5.0)["x"], t64([1.5, 2.0]))
+    rule = CClip(client_weights(2), tau_c=5.0)
+    close(run_protocol(rule, deltas, [Chunk("x", 0, 2)])["x"], t64([1.5, 2.0]))
+    assert rule.summary()["clip_scales_per_iteration"] == [[1.0, 1.0]]
 
 
 def cclip_reference(deltas, p, tau_c, iters, center=None):
@@ -274,10 +279,42 @@ def test_cclip_two_iterations_match_an_independent_float64_implementation():
     got0 = cclip({n: torch.from_numpy(d) for n, d in deltas.items()}, torch.from_numpy(p), 2.0, 2)
     for n in deltas:
         np.testing.assert_allclose(got0[n].numpy(), expected0[n], rtol=1e-12, atol=1e-12)
+    # The chunked rule too (tests/helpers.py's cclip is the reference the other tests use).
+    model = {n: torch.from_numpy(d) for n, d in deltas.items()}
+    chunks = [Chunk("w", 0, 4), Chunk("b", 0, 2), Chunk("w", 4, 6)]
+    for v0, want in ((center, expected), (None, expected0)):
+        v0_t = None if v0 is None else {n: torch.from_numpy(c) for n, c in v0.items()}
+        got = run_protocol(CClip(torch.from_numpy(p), 2.0, 2, v0_t), model, chunks)
+        for n in deltas:
+            np.testing.assert_allclose(got[n].numpy(), want[n], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_tau_c_is_the_median_distance_mean_of_the_two_middle_for_even_t():
+    # tau-c-auto's τ_c = median_t ‖Δ_t − v₀‖₂, statistics.median's: the middle value for odd T,
+    # the mean of the two middle values for even T (not the upper or lower one).
+    assert auto_tau_c([3.0, 1.0, 2.0]) == 2.0
+    assert auto_tau_c([4.0, 1.0, 3.0, 2.0]) == 2.5  # (2 + 3) / 2
+    assert auto_tau_c([1.0, 10.0]) == 5.5
+    assert auto_tau_c([7.0]) == 7.0
+    assert isinstance(auto_tau_c([1, 2]), float)
+
+
+def test_next_center_is_the_round_update_a_not_beta_a():
+    # θʳ = (1, 2), θʳ⁺¹ = (2, 2.5), β = 0.5 → A = (θʳ⁺¹ − θʳ)/β = (2, 1); integer buffers dropped.
+    theta = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor([3])}
+    merged = {"w": torch.tensor([2.0, 2.5]), "steps": torch.tensor([3])}
+    center = next_center(theta, merged, 0.5)
+    assert set(center) == {"w"}
+    assert center["w"].dtype == torch.float32
+    assert torch.equal(center["w"], torch.tensor([2.0, 1.0]))
+    # Worked in float64, then θ's dtype: (1 + 2⁻²³ − 1)/3 rounded once from the exact quotient.
+    theta = {"w": torch.tensor([1.0])}
+    merged = {"w": torch.tensor([1.0 + 2.0**-23])}
+    assert next_center(theta, merged, 3.0)["w"].item() == torch.tensor(2.0**-23 / 3).item()
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. DESIGN.md identities at rule level
+# 2. docs/design.md identities at rule level
 # ---------------------------------------------------------------------------------------------
 
 
@@ -432,10 +469,10 @@ def whole_model(config: RuleConfig, model, center=None):
     if config.name == "fednova":
         return {n: fednova(d, p, t64(config.a_norm)) for n, d in model.items()}
     if config.name == "fedgma":
-        return {n: fedgma(d, p, config.rho) for n, d in model.items()}
+        return {n: fedgma(d, p, config.knobs.rho) for n, d in model.items()}
     if config.name == "median":
-        return {n: median(d, config.median_mode) for n, d in model.items()}
-    return cclip(model, p, config.tau_c, config.iters, center)
+        return {n: median(d, config.knobs.median_mode) for n, d in model.items()}
+    return cclip(model, p, config.knobs.tau_c, config.knobs.iters, center)
 
 
 PROTOCOL_CONFIGS = [
@@ -503,7 +540,124 @@ def test_make_rule_builds_the_rule_named():
     for name, cls in kinds.items():
         assert type(make_rule(RuleConfig(name), 3)) is cls
     assert isinstance(make_rule(RuleConfig("cclip", tau_c=1.0), 3), CClip)
-    assert set(RULE_NAMES) == {"task_arithmetic", "fedavg", "fednova", "fedgma", "median", "cclip"}
+    assert set(RULE_NAMES) == {
+        "task_arithmetic",
+        *("fedavg", "fednova", "fedgma", "median", "cclip", "ties", "dare"),
+    }
+
+
+class RecordingRule(Rule):
+    """FedAvg that records every chunk it is shown (two passes: observe, then aggregate)."""
+
+    name = "recording"
+    num_passes = 2
+
+    def __init__(self, weights: torch.Tensor, whole_tensors: bool) -> None:
+        super().__init__(weights)
+        self.whole_tensors = whole_tensors
+        self.seen: list[tuple[str, Chunk, tuple[int, ...]]] = []
+
+    def observe(self, pass_index: int, chunk: Chunk, deltas: torch.Tensor) -> None:
+        self.seen.append(("observe", chunk, tuple(deltas.shape)))
+
+    def aggregate(self, chunk: Chunk, deltas: torch.Tensor) -> torch.Tensor:
+        self.seen.append(("aggregate", chunk, tuple(deltas.shape)))
+        return fedavg(deltas, self.weights)
+
+
+def engine_model(num_clients: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """θ₀ and T models of 'w' [3, 4], 'b' [5] and an integer buffer, and their TensorPlans."""
+    g = torch.Generator().manual_seed(seed)
+    theta0 = {
+        "w": torch.randn(3, 4, generator=g).to(dtype),
+        "b": torch.randn(5, generator=g).to(dtype),
+        "ids": torch.arange(4),
+    }
+    models = [
+        {n: x + torch.randn(x.shape, generator=g).to(dtype) if x.is_floating_point() else x
+         for n, x in theta0.items()}
+        for _ in range(num_clients)
+    ]  # fmt: skip
+    plans = [TensorPlan(n, tuple(x.shape), x.dtype) for n, x in theta0.items()]
+    return theta0, models, plans
+
+
+def merge_with_engine(rule, theta0, clients, plans, statistics=None, **options):
+    merged = aggregate_model(
+        rule,
+        plans,
+        theta0.__getitem__,
+        [x.__getitem__ for x in clients],
+        AggregationOptions(**options, statistics=statistics is not None),  # as run_merge
+        statistics=statistics,
+    )
+    return {name: tensor.clone() for name, tensor in merged}
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_whole_tensors_rule_sees_each_tensor_as_one_chunk_whatever_the_chunk_size(whole):
+    theta0, models, plans = engine_model(3)
+    rule = RecordingRule(client_weights(3), whole_tensors=whole)
+    got = merge_with_engine(rule, theta0, models, plans, server_lr=0.5, chunk_size=3)
+    if whole:  # every pass: one chunk per float tensor, deltas [T, numel]
+        pieces = {"w": [(0, 12)], "b": [(0, 5)]}
+    else:
+        pieces = {"w": [(0, 3), (3, 6), (6, 9), (9, 12)], "b": [(0, 3), (3, 5)]}
+    expected = [
+        (step, Chunk(name, start, stop), (3, stop - start))
+        for step in ("observe", "aggregate")
+        for name in ("w", "b")
+        for start, stop in pieces[name]
+    ]
+    assert rule.seen == expected
+    for name in ("w", "b"):
+        want = theta0[name] + 0.5 * sum(m[name] - theta0[name] for m in models) / 3
+        torch.testing.assert_close(got[name], want)
+    assert torch.equal(got["ids"], theta0["ids"])
+
+
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_linear_rules_take_one_path_with_or_without_statistics_bit_for_bit(chunk_size):
+    # θ' = θ₀ + Σ_t (β c_t) Δ_t added client by client, Δ_t = fl(θ_t − θ₀); the statistics are a
+    # side pass. From the models (fl-sim merge) or from the updates (a Flower round): same bits.
+    T = 3
+    theta0, models, plans = engine_model(T, seed=1)
+    rule = FedAvg(client_weights(T, [1.0, 2.0, 4.0]))
+    beta = 0.9
+    options = {"server_lr": beta, "chunk_size": chunk_size}
+    stats = UpdateStatistics.empty(T)
+    with_stats = merge_with_engine(rule, theta0, models, plans, stats, **options)
+    plain = merge_with_engine(rule, theta0, models, plans, **options)
+    updates = [
+        {n: m[n] - theta0[n] if m[n].is_floating_point() else m[n] for n in m} for m in models
+    ]
+    from_updates = merge_with_engine(rule, theta0, updates, plans, inputs="updates", **options)
+    alphas = [beta * c for c in rule.linear_coefficients().tolist()]
+    for name in ("w", "b"):
+        want = theta0[name].clone()
+        for alpha, update in zip(alphas, updates, strict=True):
+            want.add_(update[name], alpha=alpha)
+        for got in (with_stats, plain, from_updates):
+            assert torch.equal(got[name], want), name
+    flat = torch.stack([torch.cat([u["w"].flatten(), u["b"]]) for u in updates]).double()
+    torch.testing.assert_close(stats.gram, flat @ flat.T, rtol=1e-6, atol=1e-6)
+    assert stats.coordinates == 17
+
+
+def test_bfloat16_models_get_their_deltas_in_float32():
+    # torch.sub on two bfloat16 tensors rounds Δ to bfloat16 even into a float32 buffer; the
+    # engine widens first, so θ' = bf16(θ₀ + β Σ_t c_t (θ_t − θ₀) in float32), stats or not.
+    T = 2
+    theta0, models, plans = engine_model(T, seed=2, dtype=torch.bfloat16)
+    rule = FedAvg(client_weights(T))
+    for stats in (None, UpdateStatistics.empty(T)):
+        got = merge_with_engine(rule, theta0, models, plans, stats, server_lr=1.0)
+        for name in ("w", "b"):
+            want = theta0[name].float()
+            for m in models:
+                want.add_(m[name].float() - theta0[name].float(), alpha=0.5)
+            assert got[name].dtype == torch.bfloat16
+            assert torch.equal(got[name], want.to(torch.bfloat16)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,20 +755,14 @@ BAD_KNOBS = {
     "tau_c-negative": (lambda: make_rule(RuleConfig("cclip", tau_c=-1.0), 3), "tau_c"),
     "tau_c-nan": (lambda: make_rule(RuleConfig("cclip", tau_c=math.nan), 3), "tau_c"),
     "tau_c-missing": (lambda: make_rule(RuleConfig("cclip"), 3), "tau_c"),
-    "tau_c-zero-function": (
-        lambda: cclip({"x": torch.ones(2, 3)}, client_weights(2), 0.0),
-        "tau_c",
-    ),
+    "tau_c-zero-class": (lambda: CClip(client_weights(2), 0.0), "tau_c"),
     "iters-zero": (lambda: make_rule(RuleConfig("cclip", tau_c=1.0, iters=0), 3), "iters"),
     "iters-negative": (lambda: make_rule(RuleConfig("cclip", tau_c=1.0, iters=-2), 3), "iters"),
     "iters-fraction": (
         lambda: make_rule(RuleConfig("cclip", tau_c=1.0, iters=1.5), 3),  # type: ignore[arg-type]
         "iters",
     ),
-    "iters-zero-function": (
-        lambda: cclip({"x": torch.ones(2, 3)}, client_weights(2), 1.0, iters=0),
-        "iters",
-    ),
+    "iters-zero-class": (lambda: CClip(client_weights(2), 1.0, iters=0), "iters"),
     "unknown-rule": (lambda: make_rule(RuleConfig("fedprox"), 3), "fedprox"),
     "fednova-no-a_norm": (lambda: make_rule(RuleConfig("fednova"), 3), "fednova"),
     "fednova-too-few-a_norm": (
@@ -735,8 +883,3 @@ def test_rules_run_on_the_device_of_their_tensors_and_match_the_cpu(dtype):
         for got, expected in pairs:
             assert got.is_cuda
             torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=atol)
-    got = cclip(model_gpu, p_gpu, 1.0, 2, center_gpu)
-    expected = cclip(model, p, 1.0, 2, center)
-    for name in model:
-        assert got[name].is_cuda
-        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-5, atol=atol)

@@ -6,14 +6,8 @@ import csv
 
 import pytest
 import torch
+from helpers import InProcessGrid, assert_states_close, config
 from safetensors.torch import load_file
-from test_federation import (  # noqa: F401 (fixtures)
-    InProcessGrid,
-    assert_states_close,
-    config,
-    isolated_cache,
-    task_identity,
-)
 
 from fl_sim.errors import ConfigError
 from fl_sim.federation.server_app import RunRecorder, run_federation
@@ -55,9 +49,9 @@ def test_bad_search_config_is_a_one_line_config_error(values, message):
 
 
 def test_a_number_is_a_grid_of_one():
-    assert config(server_lr_grid=2).server_lr_candidates() == [2.0]
-    assert config(server_lr_grid=" 0.5, 1 ,2").server_lr_candidates() == [0.5, 1.0, 2.0]
-    assert config().server_lr_candidates() == []
+    assert config(server_lr_grid=2).rule.server_lr_candidates() == [2.0]
+    assert config(server_lr_grid=" 0.5, 1 ,2").rule.server_lr_candidates() == [0.5, 1.0, 2.0]
+    assert config().rule.server_lr_candidates() == []
 
 
 def test_beta_search_keeps_the_best_val_beta_and_equals_a_run_with_that_beta(

@@ -80,11 +80,14 @@ def spec(grid: dict, **base: object) -> SweepSpec:
 
 def fake_results(run: RunConfig) -> dict[str, object]:
     """What run_federation writes, with accuracies that depend on the knobs (deterministic)."""
-    T = run.num_tasks
+    T = run.suite.num_tasks
     tasks = [f"toy{t}" for t in range(T)]
     own = [0.9] * T
     merged = (
-        0.5 + 0.1 * run.rho + 0.05 * run.num_rounds + (0.01 if run.strategy == "fednova" else 0)
+        0.5
+        + 0.1 * run.rule.knobs["fedgma"].rho
+        + 0.05 * run.rule.num_rounds
+        + (0.01 if run.rule.strategy == "fednova" else 0)
     )
 
     def split(accuracy: float) -> dict[str, object]:
@@ -95,20 +98,20 @@ def fake_results(run: RunConfig) -> dict[str, object]:
         }
 
     rounds = [{"round": 0, "splits": {"val": split(0.3), "test": split(0.3)}}]
-    for r in range(1, run.num_rounds + 1):
+    for r in range(1, run.rule.num_rounds + 1):
         rounds.append(
             {
                 "round": r,
                 "splits": {"val": split(merged), "test": split(merged)},
                 "training": {
-                    "server_lr": run.server_lr,
+                    "server_lr": run.rule.server_lr,
                     "chi_square": 0.0,
                     "weights": [1 / T] * T,
                     "effective_weights": [1 / T] * T,
                 },
             }
         )
-    search = run.server_lr_candidates()
+    search = run.rule.server_lr_candidates()
     return {
         "status": "completed",
         "error": None,
@@ -130,7 +133,7 @@ def fake_results(run: RunConfig) -> dict[str, object]:
 
 
 def write_fake_run(run: RunConfig) -> None:
-    folder = Path(run.results_dir)
+    folder = Path(run.output.results_dir)
     write_atomically(folder / "results.json", json.dumps(fake_results(run)))
     write_atomically(folder / "results.csv", "round,task\n")
 
@@ -144,11 +147,11 @@ class FakeEngine:
         self.error = error or KeyboardInterrupt()
 
     def __call__(self, configs, **kwargs) -> None:
-        self.calls.append([c.results_dir for c in configs])
+        self.calls.append([c.output.results_dir for c in configs])
         for i, run in enumerate(configs):
             if self.stop_after is not None and i == self.stop_after:
-                Path(run.results_dir).mkdir(parents=True, exist_ok=True)  # a run in flight
-                (Path(run.results_dir) / "base.safetensors").write_bytes(b"partial")
+                Path(run.output.results_dir).mkdir(parents=True, exist_ok=True)  # a run in flight
+                (Path(run.output.results_dir) / "base.safetensors").write_bytes(b"partial")
                 raise self.error
             write_fake_run(run)
 
@@ -193,8 +196,16 @@ def test_grid_from_toml_and_flags_is_the_cartesian_product(tmp_path):
         {"preset": "homogeneous", "multi-rounds": 3, "rho": 0.2},
     ]
     last = points[-1]
-    assert (last.config.preset, last.config.multi_rounds, last.config.rho) == ("both", 3, 0.8)
-    assert (last.config.seed, last.config.lr, last.config.experiment) == (3, 0.01, "compare")
+    assert (
+        last.config.training.preset,
+        last.config.experiment.multi_rounds,
+        last.config.rule.knobs["fedgma"].rho,
+    ) == ("both", 3, 0.8)
+    assert (last.config.suite.seed, last.config.training.lr, last.config.experiment.kind) == (
+        3,
+        0.01,
+        "compare",
+    )
     assert last.slug == "multi-rounds=3__preset=both__rho=0.8"
     assert last.folder == tmp_path / "out" / "points" / last.slug
     assert len({p.slug for p in points}) == len(points)
@@ -227,7 +238,7 @@ def test_slugs_are_stable_filesystem_safe_and_distinct():
 @pytest.mark.parametrize(
     ("grid", "flags", "message"),
     [
-        ({"rho": [0.5, 1.5]}, [], "sweep point rho=1.5: rho must be in [0, 1], got 1.5"),
+        ({"rho": [0.5, 1.5]}, [], "sweep point rho=1.5: fedgma: rho must be in [0, 1], got 1.5"),
         ({"multi-rounds": [1, -1]}, [], "sweep point multi-rounds=-1: multi-rounds must be"),
         ({"preset": ["both", "wild"]}, [], "sweep point preset=wild: unknown preset 'wild'"),
         ({"rhoo": [0.5]}, [], "sweep grid: unknown run-config key 'rhoo'"),
@@ -456,7 +467,8 @@ def test_cli_help_dry_run_and_errors(tmp_path, capsys, engine):
     assert "rho=0.2  (compare, 12 runs, to run)" in capsys.readouterr().out
     assert cli_main([*argv, "--grid", "rho=0.2,1.2"]) == 2
     assert capsys.readouterr().err == (
-        "fl-sim: error: sweep point rho=1.2: rho must be in [0, 1], got 1.2 (set rho=0.5)\n"
+        "fl-sim: error: sweep point rho=1.2: fedgma: rho must be in [0, 1], got 1.2 "
+        "(run config: rho = 0.5; fl-sim merge: --rho 0.5 or parameters: {rho: 0.5})\n"
     )
     assert fake.calls == []
     # --resume alone reads the grid back from sweep.json

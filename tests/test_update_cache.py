@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_federation import InProcessGrid, config, isolated_cache, task_identity  # noqa: F401 (fixtures)
+from helpers import InProcessGrid, config
 
 from clients.local_training import fine_tune
 from clients.update_cache import UpdateCache, cached_fine_tune, key_material, update_key

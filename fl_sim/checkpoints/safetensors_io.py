@@ -15,7 +15,6 @@ import json
 import math
 import mmap
 import os
-import secrets
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from types import TracebackType
 import torch
 
 from fl_sim.errors import CheckpointError
+from fl_sim.outputs import atomic_path
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Headers longer than this are refused (the reference implementation uses the same limit)."""
@@ -345,10 +345,9 @@ def write_safetensors(
     data_start = 8 + len(header)
     data_size = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
 
-    temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    # os.open with 0o666 so the final file gets the usual umask-derived permissions.
-    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
+    with atomic_path(path) as temp:  # fl_sim/outputs.py: os.replace on success
+        # os.open with 0o666 so the final file gets the usual umask-derived permissions.
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as file:
             file.write(len(header).to_bytes(8, "little"))
             file.write(header)
@@ -378,10 +377,6 @@ def write_safetensors(
             file.truncate(data_start + data_size)  # trailing zero-size tensors write nothing
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def save_tensors(

@@ -15,8 +15,8 @@ Merge fine-tuned models with a Federated-Learning aggregation rule, one-shot:
 
 Task Arithmetic (θ₀ + λ Σ_t Δ_t) is one-shot FedAvg with p_t = 1/T and β = λT.
 Every rule's A is mean-like, so --server-lr (β) means the same for all of them;
---lambda is the paper's λ (β = λT for task_arithmetic, fedavg, fedgma, cclip;
-β = λ for fednova and median). With neither, β = 1.
+--lambda is the paper's λ (β = λT for {sum_rules};
+β = λ for {mean_rules}). With neither, β = 1.
 
 BASE and each FT may be a Hugging Face folder (model.safetensors or a sharded
 model.safetensors.index.json) or a single .safetensors file. Folders in → OUT is a
@@ -39,12 +39,16 @@ FT folder is read too. fednova needs it; every rule reports w_t and χ² from it
 
 
 def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
-    from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES
+    from strategies.fednova import A_NORMS
+    from strategies.registry import RULE_NAMES, RULES
 
     parser = subparsers.add_parser(
         "merge",
         help="merge fine-tuned checkpoints with an FL rule (task_arithmetic, fednova, ...)",
-        description=MERGE_DESCRIPTION,
+        description=MERGE_DESCRIPTION.format(
+            sum_rules=", ".join(n for n, s in RULES.items() if s.paper_scale == "sum"),
+            mean_rules=", ".join(n for n, s in RULES.items() if s.paper_scale == "mean"),
+        ),
         epilog=MERGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,24 +84,7 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train-meta", metavar="META.json", help="each FT's steps and lr_sum (see below)"
     )
-    parser.add_argument(
-        "--rho",
-        type=float,
-        default=None,
-        help="fedgma: sign-agreement threshold ρ ∈ [0,1] (default 0.5)",
-    )
-    parser.add_argument(
-        "--median-mode",
-        choices=MEDIAN_MODES,
-        default=None,
-        help="median with even T: mean of the two middle values (default) or the lower one",
-    )
-    parser.add_argument(
-        "--tau-c", type=float, default=None, help="cclip: clipping radius τ_c > 0 (units of ‖Δ_t‖₂)"
-    )
-    parser.add_argument(
-        "--iters", type=int, default=None, help="cclip: iterations L ≥ 1 (default 1)"
-    )
+    add_knob_flags(parser)
     parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -130,6 +117,40 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_merge_command)
 
 
+def knob_flags() -> dict[str, str]:
+    """YAML name → argparse dest of every rule knob's ``fl-sim merge`` flag (the registry)."""
+    from strategies.registry import all_knob_infos
+
+    return {info.yaml: "knob_" + info.yaml for info in all_knob_infos()}
+
+
+def add_knob_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per rule knob, derived from the registry; rules that share a flag (``--density``
+    of ties and dare) share it, with one help line each."""
+    from strategies.registry import all_knob_infos
+
+    by_flag: dict[str, list] = {}
+    for info in all_knob_infos():
+        by_flag.setdefault(info.flag, []).append(info)
+    for flag, infos in by_flag.items():
+        first = infos[0]
+        helps = "; ".join(
+            (i.help if i.help.startswith(f"{i.rule}:") else f"{i.rule}: {i.help}")
+            + f" (default {i.default})"
+            for i in infos
+        )
+        helps = helps.replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, object] = {"dest": "knob_" + first.yaml, "default": None, "help": helps}
+        if first.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"float": float, "int": int, "str": str}[first.kind]
+            kwargs["metavar"] = first.yaml.upper()
+            if first.choices:
+                kwargs["choices"] = first.choices
+        parser.add_argument(flag, **kwargs)
+
+
 def run_merge_command(args: argparse.Namespace) -> int:
     from fl_sim.merge.options import build_merge_options, options_from_yaml
     from fl_sim.merge.run import run_merge
@@ -143,10 +164,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
         "weights": args.weights,
         "a_norm": args.a_norm,
         "train_meta": args.train_meta,
-        "rho": args.rho,
-        "median_mode": args.median_mode,
-        "tau_c": args.tau_c,
-        "iters": args.iters,
+        **{yaml: getattr(args, dest) for yaml, dest in knob_flags().items()},
         "device": args.device,
         "dtype": args.dtype,
     }

@@ -125,13 +125,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         verbose=args.verbose,
     )
-    if config.experiment == "single":
+    if config.experiment.kind == "single":
         print(summary_table(results[0]))
-        print(f"results: {Path(config.results_dir) / 'results.json'}")
+        print(f"results: {Path(config.output.results_dir) / 'results.json'}")
         return 0
     summary = write_experiment(config, results)
     print(table(summary))
-    root = Path(config.results_dir)
+    root = Path(config.output.results_dir)
     print(f"results: {root / 'experiment.json'}, {root / 'experiment.csv'}")
     print(f"plots: {root / 'plots'}/")
     return 0

@@ -16,58 +16,56 @@ cclip without a ``tau-c`` uses ``tau-c-auto`` (τ_c = the round's median ‖Δ_t
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig
 from fl_sim.experiments import plots
+from strategies.registry import rule_spec
 
 ONE_SHOT, MULTI_ROUND = "one-shot", "multi-round"
 
 
 def expand_experiment(config: RunConfig) -> list[RunConfig]:
     """The runs of ``config``: itself for ``single``, the compare grid for ``compare``."""
-    if config.experiment == "single":
+    experiment = config.experiment
+    if experiment.kind == "single":
         return [config]
-    root = Path(config.results_dir)
-    grid = [float(b) for b in config.compare_beta_grid.split(",") if b.strip()]
+    root = Path(config.output.results_dir)
+    grid = experiment.beta_grid()
+    T = config.suite.num_tasks
+    cclip = config.rule.knobs["cclip"]
+    auto = {"tau-c-auto": cclip.tau_c_auto or cclip.tau_c == 0}  # cclip without a τ_c
     runs: list[RunConfig] = []
-    for rule in config.rule_names():
-        one_shot = replace(
-            config,
-            experiment="single",
-            strategy=rule,
-            num_rounds=1,
-            results_dir=str(root / ONE_SHOT / rule),
-            tau_c_auto=config.tau_c_auto or (rule == "cclip" and config.tau_c == 0),
-        )
-        if rule == "task_arithmetic":
-            lambdas = ",".join(f"{b / config.num_tasks:.6g}" for b in grid)
-            one_shot = replace(one_shot, lambda_grid=lambdas, server_lr_grid="")
+    for rule in experiment.rule_names():
+        one_shot: dict[str, object] = {
+            "experiment": "single",
+            "strategy": rule,
+            "num-rounds": 1,
+            "results-dir": str(root / ONE_SHOT / rule),
+            **(auto if rule == "cclip" else {}),
+        }
+        if rule_spec(rule).uses_lambda:  # task_arithmetic searches λ = β/T
+            one_shot |= {"lambda-grid": ",".join(f"{b / T:.6g}" for b in grid)}
+            one_shot |= {"server-lr-grid": ""}
         else:
-            one_shot = replace(one_shot, server_lr_grid=",".join(f"{b:g}" for b in grid))
-        runs.append(RunConfig.from_mapping(one_shot.to_mapping()))  # validated as a whole
-    if config.multi_rounds > 0:
+            one_shot |= {"server-lr-grid": ",".join(f"{b:g}" for b in grid)}
+        runs.append(config.updated(one_shot))  # validated as a whole
+    if experiment.multi_rounds > 0:
         steps = _steps_per_round(config)
-        for rule in config.rule_names():
-            multi = replace(
-                config,
-                experiment="single",
-                strategy="fedavg" if rule == "task_arithmetic" else rule,
-                num_rounds=config.multi_rounds,
-                local_steps=steps,
-                server_lr=config.multi_round_server_lr,
-                results_dir=str(root / MULTI_ROUND / rule),
-                tau_c_auto=config.tau_c_auto or (rule == "cclip" and config.tau_c == 0),
-            )
-            if rule == "task_arithmetic":  # multi-round TA is FedAvg with p_t = 1/T
-                multi = replace(multi, strategy="task_arithmetic")
-                multi = replace(multi, lam=config.multi_round_server_lr / config.num_tasks)
-            runs.append(RunConfig.from_mapping(multi.to_mapping()))
+        for rule in experiment.rule_names():
+            multi: dict[str, object] = {
+                "experiment": "single",
+                "strategy": rule,
+                "num-rounds": experiment.multi_rounds,
+                "local-steps": steps,
+                "server-lr": experiment.multi_round_server_lr,
+                "results-dir": str(root / MULTI_ROUND / rule),
+                **(auto if rule == "cclip" else {}),
+            }
+            if rule_spec(rule).uses_lambda:  # multi-round TA is FedAvg with p_t = 1/T
+                multi["lambda"] = experiment.multi_round_server_lr / T
+            runs.append(config.updated(multi))
     return runs
 
 
@@ -75,10 +73,10 @@ def _steps_per_round(config: RunConfig) -> int | str:
     """local-steps / R per client (at least 1), keeping lists and ranges per client."""
     from clients.knobs import per_client
 
-    steps = per_client("local-steps", config.local_steps, config.num_tasks, int)
-    per_round = [max(1, round(k / config.multi_rounds)) for k in steps]
-    if config.preset != "none":  # a preset spreads one base value: give it the base / R
-        return max(1, round(int(config.local_steps) / config.multi_rounds))
+    steps = per_client("local-steps", config.training.local_steps, config.suite.num_tasks, int)
+    per_round = [max(1, round(k / config.experiment.multi_rounds)) for k in steps]
+    if config.training.preset != "none":  # a preset spreads one base value: give it the base / R
+        return max(1, round(int(config.training.local_steps) / config.experiment.multi_rounds))
     return ",".join(str(k) for k in per_round) if len(set(per_round)) > 1 else per_round[0]
 
 
@@ -134,18 +132,14 @@ def write_experiment(
     config: RunConfig, results: Sequence[Mapping[str, object]]
 ) -> dict[str, object]:
     """experiment.json, experiment.csv and the plots in ``results-dir``; returns the summary."""
-    from fl_sim.outputs import write_atomically
+    from fl_sim.outputs import write_csv, write_json
 
-    root = Path(config.results_dir)
+    root = Path(config.output.results_dir)
     summary = summarize(config, results)
     summary["plots"] = [str(p.relative_to(root)) for p in draw_plots(root, summary, results)]
-    write_atomically(root / "experiment.json", json.dumps(summary, indent=2))
-    buffer = io.StringIO()
+    write_json(root / "experiment.json", summary)
     fields = [k for k in summary["rows"][0] if not isinstance(summary["rows"][0][k], list)]
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary["rows"])
-    write_atomically(root / "experiment.csv", buffer.getvalue())
+    write_csv(root / "experiment.csv", summary["rows"], fields)
     return summary
 
 

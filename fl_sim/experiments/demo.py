@@ -11,14 +11,13 @@ well under a minute on a 2-core CPU; everything is made locally, nothing is down
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fl_sim.errors import ConfigError
+from fl_sim.outputs import write_csv, write_json
 
 VOCAB, SEQ_LEN, GROUP = 64, 16, 6
 FIRST_TOKEN = 4  # ids below are special ([PAD]=0, [CLS]=1, ...)
@@ -83,8 +82,8 @@ def accuracy(model, task: CountingTask, seed: int, n: int = 1024) -> float:
 def fine_tune(model, task: CountingTask, lr: float, steps: int, seed: int) -> dict[str, object]:
     """AdamW at a constant learning rate; returns K_t and Σ_k η_t⁽ᵏ⁾.
 
-    For Adam-type optimizers no exact ‖a_t‖₁ exists: Σ_k η_t⁽ᵏ⁾ is the stand-in DESIGN.md
-    prescribes, and the metadata says so (``a_norm_exact``).
+    For Adam-type optimizers no exact ‖a_t‖₁ exists: Σ_k η_t⁽ᵏ⁾ is the stand-in
+    docs/design.md prescribes, and the metadata says so (``a_norm_exact``).
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -111,7 +110,7 @@ def make_checkpoints(out: Path, num_tasks: int, seed: int) -> tuple[Path, list[P
         meta = fine_tune(model, task, lr, steps, seed + 1 + t)
         folder = out / f"ft-{task.name}"
         model.save_pretrained(folder)
-        (folder / "fl_sim_meta.json").write_text(json.dumps(meta) + "\n")
+        write_json(folder / "fl_sim_meta.json", meta)
         clients.append(folder)
     return out / "base", clients
 
@@ -123,6 +122,7 @@ def run_demo(
 
     from fl_sim.merge.options import build_merge_options
     from fl_sim.merge.run import run_merge
+    from strategies.cclip import auto_tau_c
 
     if out.exists():
         raise ConfigError(f"demo: {out} already exists (pass a new --out)")
@@ -148,7 +148,7 @@ def run_demo(
     norms: list[float] = []
     for method, knobs in setups.items():
         if method == "cclip":
-            knobs = {**knobs, "tau_c": sorted(norms)[len(norms) // 2]}
+            knobs = {**knobs, "tau_c": auto_tau_c(norms)}  # as tau-c-auto (v₀ = 0)
         options = build_merge_options(
             method=method,
             base=str(base),
@@ -184,12 +184,8 @@ def _names(tasks: list[CountingTask]) -> list[str]:
 
 
 def write_results(out: Path, rows: list[dict[str, object]]) -> None:
-    (out / "demo_results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out / "demo_results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json(out / "demo_results.json", rows)
+    write_csv(out / "demo_results.csv", rows)  # columns: every row's keys, first seen first
 
 
 def print_table(rows: list[dict[str, object]]) -> None:

@@ -6,8 +6,6 @@ so a plot can be redrawn from a results file without re-running anything.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,17 +14,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from fl_sim.outputs import atomic_path
+
 
 def _save(figure: plt.Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.png"
     try:
-        figure.savefig(temp, dpi=120, bbox_inches="tight")
-        os.replace(temp, path)
+        with atomic_path(path) as temp:  # the temp name has no .png: give the format
+            figure.savefig(temp, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(figure)
-        temp.unlink(missing_ok=True)
     return path
 
 

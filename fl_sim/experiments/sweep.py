@@ -30,9 +30,7 @@ Written to ``DIR``:
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -40,7 +38,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,6 +49,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 
 from fl_sim.config.run_config import ConfigValue, RunConfig, parse_override
 from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.outputs import read_json
 
 MANIFEST = "sweep.json"
 MANIFEST_FORMAT = "fl-sim-sweep/1"
@@ -127,7 +126,7 @@ class SweepPoint:
 
     @property
     def folder(self) -> Path:
-        return Path(self.config.results_dir)
+        return Path(self.config.output.results_dir)
 
     def runs(self) -> list[RunConfig]:
         """The runs of the point (itself for single, the compare runs otherwise)."""
@@ -137,7 +136,7 @@ class SweepPoint:
 
 
 def run_config_keys() -> list[str]:
-    return [spec.metadata["key"] for spec in fields(RunConfig)]
+    return list(RunConfig().to_mapping())
 
 
 def parse_grid_flag(text: str) -> tuple[str, list[ConfigValue]]:
@@ -330,7 +329,7 @@ def same_config(stored: object, config: RunConfig) -> bool:
     if not isinstance(stored, Mapping):
         return False
     try:
-        parsed = RunConfig.from_mapping({**stored, "results-dir": config.results_dir})
+        parsed = RunConfig.from_mapping({**stored, "results-dir": config.output.results_dir})
     except (ConfigError, TypeError):
         return False
     return parsed == config
@@ -338,7 +337,7 @@ def same_config(stored: object, config: RunConfig) -> bool:
 
 def _read_json(path: Path) -> dict[str, object] | None:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = read_json(path)  # fl_sim/outputs.py: "inf" strings back to floats
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
@@ -346,7 +345,7 @@ def _read_json(path: Path) -> dict[str, object] | None:
 
 def run_finished(run: RunConfig) -> bool:
     """A run's results.json says completed, records ``run`` and its results.csv is there."""
-    folder = Path(run.results_dir)
+    folder = Path(run.output.results_dir)
     results = _read_json(folder / "results.json")
     return (
         results is not None
@@ -358,7 +357,7 @@ def run_finished(run: RunConfig) -> bool:
 
 def point_finished(point: SweepPoint) -> bool:
     """compare: experiment.json (and .csv) record the point's config; single: run_finished."""
-    if point.config.experiment == "single":
+    if point.config.experiment.kind == "single":
         return run_finished(point.config)
     summary = _read_json(point.folder / "experiment.json")
     return (
@@ -432,7 +431,7 @@ class Manifest:
                 "slug": point.slug,
                 "folder": f"{POINTS}/{point.slug}",
                 "values": point.values,
-                "experiment": point.config.experiment,
+                "experiment": point.config.experiment.kind,
                 "status": "pending",
                 "started": before.get("started"),
                 "finished": before.get("finished"),
@@ -450,12 +449,12 @@ class Manifest:
         self.entries[point.slug].update(values)
 
     def save(self, status: str | None = None) -> None:
-        from fl_sim.outputs import write_atomically
+        from fl_sim.outputs import write_json
 
         if status is not None:
             self.document["status"] = status
         self.document["updated"] = _now()
-        write_atomically(self.path, json.dumps(self.document, indent=2, default=str))
+        write_json(self.path, self.document, default=str)
 
 
 @dataclass
@@ -513,7 +512,7 @@ def run_sweep(
         for point in group:
             runs = point.runs()
             kept = [run for run in runs if run_finished(run)]
-            _discard_stale(point.folder, {Path(run.results_dir) for run in kept})
+            _discard_stale(point.folder, {Path(run.output.results_dir) for run in kept})
             todo += [run for run in runs if run not in kept]
             kept_total += len(kept)
             manifest.update(
@@ -570,8 +569,8 @@ def _finish_point(point: SweepPoint, error: str | None) -> tuple[str, str | None
     runs = point.runs()
     if not all(run_finished(run) for run in runs):
         return "failed", error or "a run did not complete"
-    if point.config.experiment == "compare":
-        results = [_read_json(Path(run.results_dir) / "results.json") for run in runs]
+    if point.config.experiment.kind == "compare":
+        results = [_read_json(Path(run.output.results_dir) / "results.json") for run in runs]
         write_experiment(point.config, results)  # type: ignore[arg-type]
     return "finished", None
 
@@ -579,7 +578,7 @@ def _finish_point(point: SweepPoint, error: str | None) -> tuple[str, str | None
 def _run_seconds(point: SweepPoint) -> float:
     total = 0.0
     for run in point.runs():
-        results = _read_json(Path(run.results_dir) / "results.json") or {}
+        results = _read_json(Path(run.output.results_dir) / "results.json") or {}
         total += float((results.get("timings") or {}).get("total_seconds") or 0.0)
     return total
 
@@ -593,14 +592,14 @@ def point_rows(point: SweepPoint) -> list[dict[str, object]]:
     """One row per rule × mode of a finished point, its grid values first."""
     from fl_sim.experiments.compare import MULTI_ROUND, ONE_SHOT, summarize
 
-    if point.config.experiment == "compare":
+    if point.config.experiment.kind == "compare":
         summary = _read_json(point.folder / "experiment.json") or {}
         rows = list(summary.get("rows") or [])
     else:
         results = _read_json(point.folder / "results.json") or {}
         [row] = summarize(point.config, [results])["rows"]
-        row["rule"] = point.config.strategy
-        row["mode"] = ONE_SHOT if point.config.num_rounds == 1 else MULTI_ROUND
+        row["rule"] = point.config.rule.strategy
+        row["mode"] = ONE_SHOT if point.config.rule.num_rounds == 1 else MULTI_ROUND
         rows = [row]
     table = []
     for row in rows:
@@ -614,17 +613,13 @@ def write_sweep_csv(
     out: Path, spec: SweepSpec, points: Sequence[SweepPoint]
 ) -> list[dict[str, object]]:
     """``DIR/sweep.csv`` (atomically) with a row per point × rule × mode; returns the rows."""
-    from fl_sim.outputs import write_atomically
+    from fl_sim.outputs import write_csv
 
     rows = [row for point in points for row in point_rows(point)]
     columns: list[str] = [*spec.grid, "point"]
     for row in rows:
         columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(out / CSV_NAME, buffer.getvalue())
+    write_csv(out / CSV_NAME, rows, columns)
     return rows
 
 
@@ -693,7 +688,9 @@ def sweep_command(args: argparse.Namespace) -> int:
         points = expand_sweep(spec, out)
         for point in points:
             state = "finished" if point_finished(point) else "to run"
-            print(f"{point.slug}  ({point.config.experiment}, {len(point.runs())} runs, {state})")
+            print(
+                f"{point.slug}  ({point.config.experiment.kind}, {len(point.runs())} runs, {state})"
+            )
         print(f"{len(points)} points; grid: {', '.join(spec.grid)}")
         return 0
     outcome = run_sweep(

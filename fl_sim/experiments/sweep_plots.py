@@ -29,7 +29,9 @@ def normalized_accuracy_vs_knob(
     Numeric knobs get a numeric axis (log when the values span two decades or more), others
     (presets, rule lists) one tick per value in grid order. Missing points are left out.
     """
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numeric = all(  # tau-c = inf has no place on a numeric axis: one tick per value then
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
     positions = [float(v) for v in values] if numeric else list(range(len(values)))
     figure, axis = plt.subplots(figsize=(7.0, 4.4))
     colors: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""Data-heterogeneity diagnostics (DESIGN.md): the gradient diversity of the tasks at a model θ.
+"""Data-heterogeneity diagnostics (docs/design.md): the gradient diversity of the tasks at θ.
 
     g_t = ∇_θ L_t(θ)                            over the federated parameters only
     ḡ   = Σ_i p_i g_i

@@ -1,4 +1,4 @@
-"""Training-heterogeneity diagnostics (DESIGN.md), written into every result.
+"""Training-heterogeneity diagnostics (docs/design.md), written into every result.
 
     w_t = p_t ‖a_t‖₁ / Σ_i p_i ‖a_i‖₁          (the weights FedAvg effectively optimises with)
     χ²(p‖w) = Σ_t (p_t − w_t)² / w_t           (0 when training is homogeneous)

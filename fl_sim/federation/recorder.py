@@ -8,9 +8,6 @@ results.json and results.csv (fl_sim/federation/server_app.py writes them).
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -41,7 +38,7 @@ class RunRecorder:
         self.suite = suite
         self.theta0 = dict(theta0)
         self.model = suite.build_model()
-        self.out = Path(config.results_dir)
+        self.out = Path(config.output.results_dir)
         self.evaluations: dict[int, dict[str, list[dict[str, float]]]] = {}  # round → split → t
         # eval task → the mean over its clients of θ₀ + Δ_t's figures; and per client
         self.finetuned: dict[str, dict[int, dict[str, float]]] = {s: {} for s in SPLITS}
@@ -117,7 +114,7 @@ class RunRecorder:
         for split, rows in evaluations.items():
             metrics[f"{split}-accuracy"] = sum(r["accuracy"] for r in rows) / len(rows)
             metrics[f"{split}-loss"] = sum(r["loss"] for r in rows) / len(rows)
-        headline = self.config.eval_split
+        headline = self.config.output.eval_split
         metrics["accuracy"] = metrics[f"{headline}-accuracy"]
         metrics["loss"] = metrics[f"{headline}-loss"]
         return MetricRecord(metrics)
@@ -186,7 +183,7 @@ class RunRecorder:
 
     def normalized(self, t: int, accuracy: float, split: str | None = None) -> float | None:
         """acc_t(θ) / acc_t(θ₀ + Δ_t) on the same split (None without a fine-tuned model)."""
-        own = self.finetuned[split or self.config.eval_split].get(t, {}).get("accuracy")
+        own = self.finetuned[split or self.config.output.eval_split].get(t, {}).get("accuracy")
         return accuracy / own if own else None
 
     def split_summary(self, rows: list[dict[str, float]], split: str) -> dict[str, object]:
@@ -214,7 +211,7 @@ class RunRecorder:
 
     def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
         """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
-        if self.config.diagnostic_batch > 0:
+        if self.config.output.diagnostic_batch > 0:
             self.diagnostics[label] = gradient_diversity_at(
                 self.suite, self.config, state, self.client_weights()
             )
@@ -222,7 +219,7 @@ class RunRecorder:
     def client_weights(self) -> list[float]:
         """p_t of every task (uniform, or ∝ n_t with weighting = examples)."""
         sizes = [self.suite.num_examples(t) for t in range(self.suite.num_tasks)]
-        given = sizes if self.config.weighting == "examples" else None
+        given = sizes if self.config.rule.weighting == "examples" else None
         return client_weights(len(sizes), given).tolist()
 
     def results(
@@ -234,7 +231,7 @@ class RunRecorder:
         total_seconds: float,
     ) -> dict[str, object]:
         names = [task.name for task in self.suite.eval_tasks]
-        headline = self.config.eval_split
+        headline = self.config.output.eval_split
         rounds = []
         train_rounds = {record.round: record for record in strategy.rounds}
         for r in sorted(self.evaluations):
@@ -302,17 +299,17 @@ class RunRecorder:
             "selected_test": selected_test,
             "diagnostics": (
                 {
-                    "batch_size": self.config.diagnostic_batch,
+                    "batch_size": self.config.output.diagnostic_batch,
                     "round_0": self.diagnostics.get("round_0"),
                     "final": self.diagnostics.get("final"),
                 }
-                if self.config.diagnostic_batch > 0
+                if self.config.output.diagnostic_batch > 0
                 else None
             ),
             "update_cache": {
-                "enabled": self.config.update_cache,
-                "dir": str(resolve_cache_dir(self.config.cache_dir) / "updates")
-                if self.config.update_cache
+                "enabled": self.config.training.update_cache,
+                "dir": str(resolve_cache_dir(self.config.training.cache_dir) / "updates")
+                if self.config.training.update_cache
                 else None,
                 "trained": trained,
                 "cached": cached,
@@ -358,27 +355,10 @@ def gradient_diversity_at(
     """
     key = (
         tuple(sorted(config.suite_config().items())),
-        config.diagnostic_batch,
+        config.output.diagnostic_batch,
         hash_tensors(state),
         tuple(weights),
     )
     if key not in _DIVERSITY:
-        _DIVERSITY[key] = measure_diversity(suite, state, weights, config.diagnostic_batch)
+        _DIVERSITY[key] = measure_diversity(suite, state, weights, config.output.diagnostic_batch)
     return dict(_DIVERSITY[key])
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to results.json")
-
-
-def _csv_text(rows: list[dict[str, object]]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()

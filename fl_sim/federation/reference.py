@@ -24,6 +24,7 @@ from clients.knobs import TrainingKnobs
 from clients.local_training import LocalResult, fine_tune
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
+from strategies.cclip import next_center
 from strategies.registry import RuleConfig, make_rule
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model
 
@@ -126,11 +127,7 @@ def run_reference(
             AggregationOptions(server_lr=server_lr, inputs="updates"),
         )
         new_state = {name: theta.clone() for name, theta in merged}  # yielded views are reused
-        previous_A = {
-            name: (new_state[name] - state[name]) / server_lr
-            for name in state
-            if state[name].is_floating_point()
-        }
+        previous_A = next_center(state, new_state, server_lr)  # A = (θʳ⁺¹ − θʳ)/β, as Flower
         state = new_state
         record = evaluate_state(suite, state, r)
         record.clients = [result.metrics() for result in results]

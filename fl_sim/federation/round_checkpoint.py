@@ -6,7 +6,9 @@ After every finished round r the ServerApp writes ``results-dir/checkpoint/round
 the strategy's state (round records, failures, cclip's τ_c), the RunRecorder's (evaluations,
 fine-tuned figures, client files, β search, diagnostics) and the config. That one file is the
 commit point, so a kill at any moment leaves either round r−1's checkpoint or round r's.
-``round.json`` next to it is a readable copy of the same JSON (not read back).
+``round.json`` next to it is a readable copy of the same JSON (not read back). Both are strict
+JSON (fl_sim/outputs.py: a non-finite float such as an infinite χ² or τ_c is "inf"); reading the
+checkpoint turns those strings back into floats, and the config is compared in that encoding.
 
 Client training depends only on (seed, round, θʳ), so rounds r+1..R from θʳ give the same
 models as an uninterrupted run.
@@ -25,6 +27,7 @@ import torch
 from fl_sim.checkpoints.safetensors_io import SafetensorsFile, save_tensors
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
+from fl_sim.outputs import dumps_json, from_strict_json, to_strict_json
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "round.safetensors"
@@ -68,7 +71,7 @@ def write_checkpoint(
         "recorder": dict(recorder_state),
         "config": config.to_mapping(),
     }
-    text = json.dumps(document, default=json_default)
+    text = dumps_json(document, indent=None, default=json_default)
     path = checkpoint_path(results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     clash = [name for name in theta if name.startswith(STRATEGY_PREFIX)]
@@ -78,7 +81,7 @@ def write_checkpoint(
     payload.update({STRATEGY_PREFIX + name: t.detach().cpu() for name, t in tensors.items()})
     save_tensors(path, payload, metadata={METADATA_KEY: text})
     if write_text is not None:
-        write_text(path.parent / "round.json", json.dumps(document, indent=2, default=json_default))
+        write_text(path.parent / "round.json", dumps_json(document, default=json_default) + "\n")
     return path
 
 
@@ -105,8 +108,13 @@ def read_checkpoint(results_dir: str | Path, config: RunConfig) -> RoundCheckpoi
                 tensors[name.removeprefix(STRATEGY_PREFIX)] = tensor
             else:
                 theta[name] = tensor
-    saved = {k: v for k, v in document["config"].items() if k not in RESUME_FREE_KEYS}
-    wanted = {k: v for k, v in config.to_mapping().items() if k not in RESUME_FREE_KEYS}
+    # both as written (strict JSON: an infinite tau-c is "inf" on both sides)
+    saved = {
+        k: to_strict_json(v) for k, v in document["config"].items() if k not in RESUME_FREE_KEYS
+    }
+    wanted = {
+        k: to_strict_json(v) for k, v in config.to_mapping().items() if k not in RESUME_FREE_KEYS
+    }
     changed = sorted(
         k for k in wanted.keys() | saved.keys() if not _same(wanted.get(k), saved.get(k))
     )
@@ -120,9 +128,9 @@ def read_checkpoint(results_dir: str | Path, config: RunConfig) -> RoundCheckpoi
     return RoundCheckpoint(
         round=int(document["round"]),
         theta=theta,
-        strategy_state=document["strategy"],
+        strategy_state=from_strict_json(document["strategy"]),  # type: ignore[arg-type]
         strategy_tensors=tensors,
-        recorder_state=document["recorder"],
+        recorder_state=from_strict_json(document["recorder"]),  # type: ignore[arg-type]
     )
 
 

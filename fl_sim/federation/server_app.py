@@ -31,7 +31,6 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,14 +38,20 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from clients.knobs import knobs_to_config
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.checkpoints.safetensors_io import save_tensors
 from fl_sim.config.run_config import RunConfig
-from fl_sim.federation.recorder import RunRecorder, _csv_text, _json_default
+from fl_sim.federation.recorder import RunRecorder
 from fl_sim.federation.round_checkpoint import read_checkpoint, write_checkpoint
-from fl_sim.outputs import write_atomically
+from fl_sim.outputs import write_atomically, write_csv, write_json
 from fl_sim.suites.registry import build_suite
-from strategies.flower_strategy import FederationError, make_strategy
+from strategies.flower_strategy import (
+    AggregationSettings,
+    FederationError,
+    RuleStrategy,
+    make_strategy,
+)
 
 RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, mean metrics)
 NODE_WAIT_SECONDS = 300.0
@@ -67,7 +72,7 @@ def make_server_app(
         results = [
             run_federation(grid, run, on_round=on_round) for run in expand_experiment(config)
         ]
-        if config.experiment == "compare":
+        if config.experiment.kind == "compare":
             write_experiment(config, results)
 
     return app
@@ -126,6 +131,43 @@ def discover_tasks(
     return node_tasks
 
 
+def strategy_for(
+    config: RunConfig, node_tasks: Mapping[int, int], **kwargs: object
+) -> RuleStrategy:
+    """The Flower strategy of ``config``: its rule section, the aggregation settings, and what
+    each client t gets in round r's ConfigRecord (keyword arguments: see ``RuleStrategy``)."""
+    knobs = config.client_knobs()
+    faults = config.declared_faults()
+    suite = config.suite_config()
+    training = config.training
+
+    def client_config(t: int, server_round: int) -> dict[str, object]:
+        return {
+            **knobs_to_config(knobs[t]),
+            **suite,
+            "a-norm": training.a_norm,
+            "full-batch": training.full_batch,
+            "update-cache": training.update_cache,
+            "cache-dir": training.cache_dir,
+            # declared faults (clients/fault_injection.py); the client applies them
+            "inject-failure": (t, server_round) in faults.crash,
+            "byzantine": faults.byzantine.get(t, ""),
+            "attack-seed": config.suite.seed + t + server_round,
+            "slow-seconds": faults.slow.get(t, 0.0),
+        }
+
+    settings = AggregationSettings(config.engine.server_device, config.engine.min_clients)
+    evaluate_config = {**suite, "eval-split": config.output.eval_split}
+    return make_strategy(
+        config.rule,
+        node_tasks,
+        settings=settings,
+        client_config=client_config,
+        evaluate_config=evaluate_config,
+        **kwargs,
+    )
+
+
 def run_federation(
     grid: Grid, config: RunConfig, *, on_round: RoundCallback | None = None
 ) -> dict[str, object]:
@@ -133,19 +175,19 @@ def run_federation(
     start = time.perf_counter()
     suite = build_suite(config.suite_config())
     theta0 = suite.initial_state()
-    out = Path(config.results_dir)
+    out = Path(config.output.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "base.safetensors", theta0)
 
     node_tasks = discover_tasks(grid, suite.num_tasks)
     recorder = RunRecorder(config, suite, theta0)
-    strategy = make_strategy(
+    strategy = strategy_for(
         config,
         node_tasks,
         on_updates=recorder.client_updates,
         select_server_lr=recorder.select_server_lr,
     )
-    checkpoint = read_checkpoint(out, config) if config.resume else None
+    checkpoint = read_checkpoint(out, config) if config.output.resume else None
     if checkpoint is None:
         recorder.measure_diagnostics("round_0", theta0)
         first_round, initial = 1, theta0
@@ -156,7 +198,7 @@ def run_federation(
 
     def evaluate_fn(server_round: int, arrays: object) -> MetricRecord:
         metrics = recorder.evaluate_round(server_round, arrays)
-        if server_round >= 1 and config.num_rounds > 1:  # the commit point of round r
+        if server_round >= 1 and config.rule.num_rounds > 1:  # the commit point of round r
             write_checkpoint(
                 out,
                 server_round,
@@ -164,11 +206,10 @@ def run_federation(
                 strategy.checkpoint_state(),
                 recorder.checkpoint_state(),
                 config,
-                json_default=_json_default,
                 write_text=write_atomically,
             )
         if on_round is not None:
-            on_round(server_round, config.num_rounds, dict(metrics))
+            on_round(server_round, config.rule.num_rounds, dict(metrics))
         return metrics
 
     status, error = "completed", None
@@ -176,8 +217,8 @@ def run_federation(
         result = strategy.start(
             grid,
             tensors_to_record(initial),
-            num_rounds=config.num_rounds,
-            timeout=config.round_timeout or 3600.0,
+            num_rounds=config.rule.num_rounds,
+            timeout=config.engine.round_timeout or 3600.0,
             evaluate_fn=evaluate_fn,
             first_round=first_round,
         )
@@ -194,10 +235,10 @@ def run_federation(
                 {"task": t, "steps": float(k), "lr_sum": lr_sum}
                 for t, k, lr_sum in zip(first.clients, first.local_steps, first.lr_sum, strict=True)
             ]
-            write_atomically(out / "clients" / "train_meta.json", json.dumps(meta, indent=2))
+            write_json(out / "clients" / "train_meta.json", meta)
         results = recorder.results(
             strategy, status=status, error=error, total_seconds=time.perf_counter() - start
         )
-        write_atomically(out / "results.json", json.dumps(results, indent=2, default=_json_default))
-        write_atomically(out / "results.csv", _csv_text(recorder.csv_rows()))
+        write_json(out / "results.json", results)
+        write_csv(out / "results.csv", recorder.csv_rows())
     return results

@@ -8,18 +8,18 @@ benchmarks call it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
+from fl_sim.outputs import read_json
 
-# Trap 1 and telemetry (FLOWER.md): never let Flower build a venv per run or write an id.
+# Never let Flower build a venv per run (`uv sync`: CUDA torch) or write a telemetry id
+# (docs/design.md, Running Flower).
 FLOWER_ENVIRONMENT = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -69,12 +69,12 @@ def simulate(
     if not configs:
         raise ConfigError("simulate: no run configs given")
     changes = {
-        name: float(value)
-        for name, value in (("client_num_cpus", client_cpus), ("client_num_gpus", client_gpus))
+        key: float(value)
+        for key, value in (("client-num-cpus", client_cpus), ("client-num-gpus", client_gpus))
         if value is not None
     }
     if changes:  # validated as the run-config keys, with their messages
-        configs = [replace(config, **changes) for config in configs]
+        configs = [config.updated(changes) for config in configs]
     first = configs[0]
     for config in configs[1:]:
         if config.suite_config() != first.suite_config():
@@ -88,13 +88,13 @@ def simulate(
                 f"client-num-cpus and client-num-gpus, got {_resources(config)} after "
                 f"{_resources(first)}"
             )
-    dirs = [Path(c.results_dir).resolve() for c in configs]
+    dirs = [Path(c.output.results_dir).resolve() for c in configs]
     if len(set(dirs)) != len(dirs):
         raise ConfigError("runs in one simulation need distinct results-dir values")
-    n = first.num_tasks if num_supernodes is None else num_supernodes
-    if n != first.num_tasks:
+    n = first.suite.num_tasks if num_supernodes is None else num_supernodes
+    if n != first.suite.num_tasks:
         raise ConfigError(
-            f"--num-supernodes {n} but num-tasks = {first.num_tasks}: one SuperNode per task "
+            f"--num-supernodes {n} but num-tasks = {first.suite.num_tasks}: one SuperNode per task "
             "(drop --num-supernodes or set num-tasks)"
         )
 
@@ -107,8 +107,8 @@ def simulate(
         init_args["address"] = ray_address
     backend_config = {
         "client_resources": {
-            "num_cpus": first.client_num_cpus,
-            "num_gpus": first.client_num_gpus,
+            "num_cpus": first.engine.client_num_cpus,
+            "num_gpus": first.engine.client_num_gpus,
         },
         "init_args": init_args,
     }
@@ -135,11 +135,14 @@ def simulate(
         flower_logger.setLevel(level)
         if bar is not None:
             bar.close()
-    return [json.loads((d / "results.json").read_text(encoding="utf-8")) for d in dirs]
+    return [read_json(d / "results.json") for d in dirs]  # "inf" strings back to floats
 
 
 def _resources(config: RunConfig) -> dict[str, float]:
-    return {"client-num-cpus": config.client_num_cpus, "client-num-gpus": config.client_num_gpus}
+    return {
+        "client-num-cpus": config.engine.client_num_cpus,
+        "client-num-gpus": config.engine.client_num_gpus,
+    }
 
 
 class _ProgressBar:
@@ -148,7 +151,7 @@ class _ProgressBar:
     def __init__(self, configs: Sequence[RunConfig]) -> None:
         from tqdm import tqdm
 
-        total = sum(c.num_rounds for c in configs)
+        total = sum(c.rule.num_rounds for c in configs)
         self.bar = tqdm(total=total, unit="round", desc="fl-sim run", dynamic_ncols=True)
 
     def update(self, server_round: int, num_rounds: int, metrics: Mapping[str, float]) -> None:

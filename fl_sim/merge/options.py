@@ -2,10 +2,14 @@
 
 Validated once here; the merge itself trusts them.
 
-Scale conventions (DESIGN.md): every rule returns a mean-like A and θ = θ₀ + β·A.
+Scale conventions (docs/design.md, "λ ↦ β"): every rule returns a mean-like A, θ = θ₀ + β·A.
 ``--server-lr`` is β for every rule. ``--lambda`` is the paper's λ: for the rules whose paper
-form sums task vectors (task_arithmetic, fedavg, fedgma, cclip) β = λT; for the mean-like ones
-(fednova, median) β = λ. Without either, β = 1 (for task_arithmetic: λ = 1/T, the weight average).
+form sums task vectors (each rule's ``paper_scale`` in strategies/registry.py: task_arithmetic,
+fedavg, fedgma, cclip, dare) β = λT; for the mean-like ones (fednova, median, ties) β = λ.
+Without either, β = 1 (for task_arithmetic: λ = 1/T, the weight average).
+
+Each rule's own knobs (``--rho``, ``--tau-c``, ``--density``...; YAML ``parameters:``) come from
+its knob dataclass in the registry: the flags, the YAML names and the checks are derived from it.
 """
 
 from __future__ import annotations
@@ -20,20 +24,22 @@ import torch
 import yaml
 
 from fl_sim.errors import ConfigError
-from strategies.registry import A_NORMS, MEDIAN_MODES, RULE_NAMES, RuleConfig
+from strategies.fednova import A_NORMS
+from strategies.registry import (
+    RULE_NAMES,
+    RULES,
+    RuleConfig,
+    all_knob_infos,
+    make_rule,
+    rule_spec,
+    server_lr_for_lambda,
+)
+from strategies.rule_spec import RuleKnobs
 
 META_FILE = "fl_sim_meta.json"
-PAPER_SCALE = {  # how the paper scales τ* in θ₀ + λ·τ*: "sum" → β = λT, "mean" → β = λ
-    "task_arithmetic": "sum",
-    "fedavg": "sum",
-    "fedgma": "sum",
-    "cclip": "sum",
-    "fednova": "mean",
-    "median": "mean",
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
-MAX_ITERS = 10_000  # cclip's L: a bound, so that a typo cannot run for ever
+MERGEKIT_METHODS = {spec.mergekit: name for name, spec in RULES.items() if spec.mergekit}
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,9 @@ class MergeOptions:
     server_lr: float  # β
     lam: float | None  # the paper's λ when given
     weights: tuple[float, ...] | None
+    knobs: RuleKnobs
     a_norm_kind: str = "lr-sum"
     train_meta: tuple[TrainMeta, ...] | None = None
-    rho: float = 0.5
-    median_mode: str = "mean"
-    tau_c: float | None = None
-    iters: int = 1
     device: str = "auto"
     dtype: str | None = None
     allow_pickle: bool = False
@@ -89,15 +92,8 @@ class MergeOptions:
                 f"fednova needs every model's {key!r} ({where}): pass --train-meta META.json "
                 f"or put {META_FILE} in each model folder (or choose --a-norm steps/lr-sum)"
             )
-        return RuleConfig(
-            name=self.method,
-            weights=self.weights,
-            a_norm=a_norm,
-            rho=self.rho,
-            median_mode=self.median_mode,
-            tau_c=self.tau_c,
-            iters=self.iters,
-        )
+        seed = int(getattr(self.knobs, "seed", 0))  # seeded rules (dare): the seed knob
+        return RuleConfig(self.method, self.weights, a_norm, knobs=self.knobs, seed=seed)
 
 
 def server_lr_for(
@@ -112,7 +108,7 @@ def server_lr_for(
     if server_lr is not None:
         return float(server_lr)
     if lam is not None:
-        return float(lam) * (num_clients if PAPER_SCALE[method] == "sum" else 1)
+        return server_lr_for_lambda(method, float(lam), num_clients)
     return 1.0
 
 
@@ -215,35 +211,31 @@ def build_merge_options(
     weights: str | Sequence[float] | None = None,
     a_norm: str = "lr-sum",
     train_meta: str | None = None,
-    rho: float = 0.5,
-    median_mode: str = "mean",
-    tau_c: float | None = None,
-    iters: int = 1,
     device: str = "auto",
     dtype: str | None = None,
     allow_pickle: bool = False,
     force: bool = False,
     statistics: bool = True,
+    **knobs: object,
 ) -> MergeOptions:
-    """Validate every knob once and return the options the merge trusts."""
+    """Validate every knob once and return the options the merge trusts.
+
+    ``knobs`` are the method's own knobs by their YAML names (``rho=0.5``, ``tau_c=5``,
+    ``density=0.2``...; see ``fl-sim merge --help``); a knob of another rule is an error."""
     if method not in RULE_NAMES:
         raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(RULE_NAMES)}")
+    spec = rule_spec(method)
+    rule_knobs = spec.knobs.from_values(knobs, by="yaml")
     if len(models) < 2:
         raise ConfigError(
             f"merging needs at least 2 fine-tuned models after --base, got {len(models)}"
         )
     if a_norm not in A_NORMS:
         raise ConfigError(f"--a-norm must be one of {', '.join(A_NORMS)}, got {a_norm!r}")
-    if median_mode not in MEDIAN_MODES:
-        raise ConfigError(
-            f"--median-mode must be one of {', '.join(MEDIAN_MODES)}, got {median_mode!r}"
-        )
     if device not in DEVICES:
         raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not 1 <= iters <= MAX_ITERS:
-        raise ConfigError(f"--iters must be an integer in [1, {MAX_ITERS}], got {iters}"[:300])
     if not out:
         raise ConfigError("no output path: pass --out OUT (a folder or a .safetensors file)")
     model_paths = tuple(Path(m) for m in models)
@@ -255,35 +247,28 @@ def build_merge_options(
         server_lr=server_lr_for(method, len(models), lam, server_lr),
         lam=lam,
         weights=parse_weights(weights),
+        knobs=rule_knobs,
         a_norm_kind=a_norm,
         train_meta=read_train_meta(Path(train_meta) if train_meta else None, model_paths, models),
-        rho=rho,
-        median_mode=median_mode,
-        tau_c=tau_c,
-        iters=iters,
         device=device,
         dtype=dtype,
         allow_pickle=allow_pickle,
         force=force,
         statistics=statistics,
     )
-    options.rule_config()  # the rule's own checks (ρ, τ_c, weights, fednova's a-norm) run now
-    from strategies.registry import make_rule
-
+    # the rule's own checks (τ_c set, weights allowed, fednova's a-norm) run now
     make_rule(options.rule_config(), options.num_clients)
     return options
 
 
-YAML_PARAMETERS = {
-    "lambda": "lam",
-    "server_lr": "server_lr",
-    "rho": "rho",
-    "median_mode": "median_mode",
-    "tau_c": "tau_c",
-    "iters": "iters",
-    "a_norm": "a_norm",
+# parameters of every method, and each rule's own knobs by their YAML names (the registry)
+YAML_PARAMETERS = {"lambda": "lam", "server_lr": "server_lr", "a_norm": "a_norm"} | {
+    info.yaml: info.yaml for info in all_knob_infos()
 }
-YAML_NUMBERS = {"lambda", "server_lr", "rho", "tau_c"}
+YAML_KINDS = {"lambda": "float", "server_lr": "float", "a_norm": "str"} | {
+    info.yaml: info.kind for info in all_knob_infos()
+}
+MODEL_PARAMETERS = ("weight", "density")  # per-model parameters (mergekit's names)
 YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out", "train_meta"}
 
 
@@ -304,11 +289,14 @@ def _same_model(a: str, b: str) -> bool:
 def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, object]:
     """Keyword arguments for ``build_merge_options`` from a mergekit-style YAML file.
 
-    ``models[i].parameters.weight`` becomes p_t. For ``task_arithmetic`` (mergekit computes
-    θ₀ + λ Σ_t w_t τ_t, its ``lambda`` defaulting to 1), equal weights w mean our λ = λ·w;
-    unequal ones become fedavg with p ∝ w and β = λ Σ_t w_t, the same arithmetic. A model
-    entry that is the base itself is skipped (its τ is 0). Flags given on the command line win
-    over the file.
+    ``merge_method`` is a rule name or mergekit's name for it (``ties``, ``dare_linear``,
+    ``task_arithmetic``). ``models[i].parameters.weight`` becomes p_t. For ``task_arithmetic``
+    (mergekit computes θ₀ + λ Σ_t w_t τ_t, its ``lambda`` defaulting to 1), equal weights w mean
+    our λ = λ·w; unequal ones become fedavg with p ∝ w and β = λ Σ_t w_t, the same arithmetic.
+    mergekit's other sum-scaled method (dare_linear: Σ_t w_t τ̃_t) gets p ∝ w and β = λ Σ_t w_t
+    too; ties (normalized, mean-scaled) only p ∝ w; our other rules take the weights as p_t. A
+    per-model ``density`` must be the same for every model (one density per merge). A model
+    entry that is the base itself is skipped (its τ is 0). Flags on the command line win.
     """
     try:
         document = yaml.safe_load(Path(path).read_text())
@@ -328,6 +316,8 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
     kwargs: dict[str, object] = {}
     kwargs["method"] = document.get("merge_method")
     kwargs["base"] = document.get("base_model")
+    if isinstance(kwargs["method"], str):
+        kwargs["method"] = MERGEKIT_METHODS.get(kwargs["method"], kwargs["method"])
     if kwargs["method"] is None or kwargs["base"] is None:
         raise ConfigError(f"merge config {path}: needs both merge_method and base_model")
     for key, value in (("merge_method", kwargs["method"]), ("base_model", kwargs["base"])):
@@ -338,16 +328,17 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
         raise ConfigError(f"merge config {path}: models must be a list of {{model: PATH}}")
     paths: list[str] = []
     weights: list[float] = []
+    densities: list[float] = []
     for entry in models:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"merge config {path}: each models entry needs a 'model' path")
         parameters = entry.get("parameters") or {}
-        if not isinstance(parameters, dict) or set(parameters) - {"weight"}:
+        if not isinstance(parameters, dict) or set(parameters) - set(MODEL_PARAMETERS):
             raise ConfigError(
-                f"merge config {path}: per-model parameters support only 'weight', "
-                f"got {parameters!r}"
+                f"merge config {path}: per-model parameters support only "
+                f"{', '.join(MODEL_PARAMETERS)}, got {parameters!r}"[:300]
             )
         if _same_model(str(entry["model"]), str(kwargs["base"])):
             continue  # mergekit configs may list the base among the models: its τ is 0
@@ -359,8 +350,20 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
                     f"got {parameters['weight']!r}"
                 )
             weights.append(parameters["weight"])
+        if "density" in parameters:
+            if not _yaml_number(parameters["density"]):
+                raise ConfigError(
+                    f"merge config {path}: density of {entry['model']} must be a number, "
+                    f"got {parameters['density']!r}"
+                )
+            densities.append(float(parameters["density"]))
     if weights and len(weights) != len(paths):
         raise ConfigError(f"merge config {path}: give a weight to every model or to none")
+    if densities and (len(densities) != len(paths) or len(set(densities)) > 1):
+        raise ConfigError(
+            f"merge config {path}: per-model density must be given for every model and be the "
+            f"same (got {densities}); or set parameters: {{density: ...}} once"
+        )
     kwargs["models"] = paths
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -371,17 +374,25 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
                 f"merge config {path}: unknown parameter {key!r} "
                 f"(known: {', '.join(YAML_PARAMETERS)})"
             )
-        wrong_number = key in YAML_NUMBERS and not _yaml_number(value)
-        wrong_int = key == "iters" and (isinstance(value, bool) or not isinstance(value, int))
-        wrong_str = key in ("median_mode", "a_norm") and not isinstance(value, str)
-        if wrong_number or wrong_int or wrong_str:
-            kind = "an integer" if wrong_int else "a string" if wrong_str else "a number"
+        kind = YAML_KINDS[key]
+        wrong = {
+            "float": not _yaml_number(value),
+            "int": isinstance(value, bool) or not isinstance(value, int),
+            "bool": not isinstance(value, bool),
+            "str": not isinstance(value, str),
+        }[kind]
+        if wrong:
+            name = {"float": "a number", "int": "an integer", "bool": "true or false"}
             raise ConfigError(
-                f"merge config {path}: parameter {key!r} must be {kind}, got {value!r}"
+                f"merge config {path}: parameter {key!r} must be "
+                f"{name.get(kind, 'a string')}, got {value!r}"[:300]
             )
         kwargs[YAML_PARAMETERS[key]] = value
+    if densities:
+        kwargs.setdefault("density", densities[0])
+    method = kwargs["method"]
     if weights:
-        if kwargs["method"] == "task_arithmetic":
+        if method == "task_arithmetic":
             scale = float(kwargs.pop("lam", 1.0))  # mergekit's lambda scales Σ_t w_t τ_t
             if len(set(weights)) == 1:
                 kwargs["lam"] = scale * float(weights[0])
@@ -391,6 +402,10 @@ def options_from_yaml(path: str, overrides: Mapping[str, object]) -> dict[str, o
                 kwargs["weights"] = weights
         else:
             kwargs["weights"] = weights
+            spec = RULES.get(method)
+            if spec and spec.mergekit and spec.paper_scale == "sum" and "server_lr" not in kwargs:
+                # mergekit's methods that sum w_t τ_t (dare_linear): p = w / Σ w, β = λ Σ_t w_t
+                kwargs["server_lr"] = float(kwargs.pop("lam", 1.0)) * float(sum(weights))
     for key in ("dtype", "out", "train_meta"):
         if document.get(key) is not None:
             kwargs[key] = str(document[key])

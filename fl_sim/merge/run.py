@@ -9,7 +9,6 @@ so peak memory is about T × the largest tensor, not T × the model.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from fl_sim.checkpoints.model_checkpoint import (
 from fl_sim.checkpoints.safetensors_io import write_safetensors
 from fl_sim.federation.heterogeneity import chi_square, effective_weights
 from fl_sim.merge.options import DTYPES, MergeOptions
-from fl_sim.outputs import write_atomically
+from fl_sim.outputs import write_json
 from strategies.registry import make_rule
 from strategies.streaming import (
     AggregationOptions,
@@ -130,12 +129,12 @@ def _merge(
                 options, rule, statistics, device, input_bytes, merge_seconds, started
             )
             if folder_output:
-                write_json_atomic(temp / REPORT_NAME, report)
+                write_json(temp / REPORT_NAME, report, default=str)
     finally:
         if bar is not None:
             bar.close()  # on an error too: the bar's line is cleared before the error is printed
     if not folder_output:
-        write_json_atomic(report_path, report)
+        write_json(report_path, report, default=str)
     final_model = options.out / WEIGHTS_NAME if folder_output else options.out
     return MergeResult(final_model, report_path, report)
 
@@ -182,10 +181,7 @@ def build_report(
         "parameters": {
             "server_lr": options.server_lr,
             "lambda": options.lam,
-            "rho": options.rho if options.method == "fedgma" else None,
-            "median_mode": options.median_mode if options.method == "median" else None,
-            "tau_c": options.tau_c if options.method == "cclip" else None,
-            "iters": options.iters if options.method == "cclip" else None,
+            **options.knobs.as_dict(),
             "dtype": options.dtype,
         },
         "weights": p,
@@ -199,11 +195,6 @@ def build_report(
             input_bytes * rule.num_passes / merge_seconds / 1e9 if merge_seconds > 0 else None
         ),
     }
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """merge_report.json: strict JSON (no NaN), written atomically."""
-    write_atomically(path, json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def _progress_bar(enabled: bool, total: int, method: str):

@@ -1,4 +1,4 @@
-"""Who trains on what: the data-heterogeneity knobs of DESIGN.md, as seeded index sets.
+"""Who trains on what: the data-heterogeneity knobs of docs/design.md, as seeded index sets.
 
 - ``mixing_subset``: the part of task s's training split that ``mixing`` m shares with every
   other client: the first ⌊m·n_s⌋ indices of a permutation seeded by (seed, s), sorted. The same

@@ -6,7 +6,7 @@ copied for every ``build_model``; the heads are built once from θ₀ and frozen
 
 - CLIP (``clip:PATH``) on images: zero-shot heads from the class names (the paper's setting);
 - every other encoder: a linear probe per task, fitted in closed form on θ₀'s features
-  (``pretrained_encoders.probe_head``) of the task's ``head`` examples, which no client trains
+  (``encoders.probe_head``) of the task's ``head`` examples, which no client trains
   on: a probe fitted on the training split would already fit it almost perfectly and leave
   fine-tuning little to learn. A task without head examples falls back to its training split.
 

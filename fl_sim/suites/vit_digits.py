@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fl_sim.errors import ConfigError
+from fl_sim.outputs import read_json, write_atomically, write_json
 from fl_sim.suites import digits_data
 
 try:  # POSIX; elsewhere parallel first runs may pre-train more than once (still correct)
@@ -208,25 +208,12 @@ class Pretrained:
 _MEMORY: dict[tuple[str, str], Pretrained] = {}
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _read_verified(weights: Path, sidecar: Path, key: str) -> tuple[dict, dict] | None:
     """(tensors, sidecar) if both files exist and match ``key`` and the recorded hash."""
     if not (weights.is_file() and sidecar.is_file()):
         return None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = read_json(sidecar)
         payload = weights.read_bytes()
         if meta.get("key") != key:
             _log.warning("vit-digits cache %s has another key: pre-training again", weights)
@@ -278,14 +265,14 @@ def pretrained(
             tensors = pretrain(spec, seed, images[pool], digits[pool])
             seconds = time.perf_counter() - start
             payload = save_safetensors(tensors, metadata={"key": key})
-            _write_atomically(weights, payload)
+            write_atomically(weights, payload, fsync=True)
             meta = {
                 "key": key,
                 "key_material": key_material(spec, seed, digits_data.data_hash(images, digits)),
                 "weights_sha256": hashlib.sha256(payload).hexdigest(),
                 "pretrain_seconds": round(seconds, 3),
             }
-            _write_atomically(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+            write_json(sidecar, meta, sort_keys=True, fsync=True)
             source = "pretrained"
     prototypes = tensors.pop(PROTOTYPES)
     result = Pretrained(tensors, prototypes, key, weights, source, seconds)
