@@ -202,20 +202,18 @@ class CClipKnobs(RuleKnobs):
                 "iters", f"must be an integer in [1, {MAX_ITERS}], got {self.iters}", 1
             )
 
-    @property
-    def is_set(self) -> bool:
-        """A radius is given, or picked each round."""
-        return self.tau_c > 0 or self.tau_c_auto
+    def check_runnable(self) -> None:
+        if not (self.tau_c > 0 or self.tau_c_auto):
+            raise ConfigError(
+                "cclip needs tau-c > 0, its clipping radius tau_c in units of ‖Δ_t‖₂ (set "
+                "tau-c=... or tau-c-auto=true for the median update norm; fl-sim merge: --tau-c "
+                "or --tau-c-auto; results.json and merge_report.json list every update's norm)"
+            )
 
 
 def _build(inputs: RuleInputs) -> CClip:
     knobs = inputs.knobs
-    if not knobs.is_set:
-        raise ConfigError(
-            "cclip needs tau-c > 0, its clipping radius tau_c in units of ‖Δ_t‖₂ (set tau-c=... "
-            "or tau-c-auto=true; fl-sim merge: --tau-c or --tau-c-auto; the results and "
-            "merge_report.json list every update's norm)"
-        )
+    knobs.check_runnable()
     return CClip(inputs.weights, knobs.tau_c, knobs.iters, inputs.center, auto=knobs.tau_c_auto)
 
 

@@ -49,8 +49,8 @@ from flwr.supercore import log
 
 from fl_sim.checkpoints.array_records import array_to_tensor, record_to_tensors, tensors_to_record
 from fl_sim.errors import FlSimError
-from fl_sim.federation.heterogeneity import chi_square, effective_weights
 from strategies.cclip import next_center
+from strategies.heterogeneity import chi_square, effective_weights
 from strategies.registry import RULES, RuleConfig, make_rule, rule_spec
 from strategies.rule import Rule, client_weights
 from strategies.rule_section import RuleSection

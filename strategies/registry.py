@@ -81,7 +81,7 @@ class RuleConfig:
         weights: Sequence[float] | None = None,
         a_norm: Sequence[float] | None = None,
         knobs: RuleKnobs | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         **values: object,
     ) -> None:
         spec = rule_spec(name)
@@ -95,7 +95,8 @@ class RuleConfig:
         object.__setattr__(self, "weights", None if weights is None else tuple(weights))
         object.__setattr__(self, "a_norm", None if a_norm is None else tuple(a_norm))
         object.__setattr__(self, "knobs", knobs)
-        object.__setattr__(self, "seed", int(seed))
+        # seeded rules (dare): the seed of this aggregation, by default the rule's seed knob
+        object.__setattr__(self, "seed", int(getattr(knobs, "seed", 0) if seed is None else seed))
 
     @property
     def spec(self) -> RuleSpec:
@@ -128,19 +129,27 @@ def server_lr_for_lambda(name: str, lam: float, num_clients: int) -> float:
 
 
 def rule_table() -> str:
-    """The rules as a Markdown table (README, ``--help``): name, A, knobs, λ ↦ β, paper."""
+    """The rules as a Markdown table (README, ``--help``): name, A, knobs, λ ↦ β, paper.
+
+    Knobs are given as run-config key (``fl-sim merge`` flag); every rule also takes the run's
+    p_t (``weighting`` / ``--weights``, unless it is uniform or unweighted) and β or λ."""
     lines = [
-        "| rule | A(Δ₁..Δ_T) | knobs (run-config key) | paper λ ↦ β | paper |",
+        "| rule | A(Δ₁..Δ_T) | knobs: run-config key (merge flag) | paper λ ↦ β | paper |",
         "|---|---|---|---|---|",
     ]
     for spec in RULES.values():
-        keys = ", ".join(f"`{i.key}`" for i in spec.knob_infos()) or "—"
+        knobs = [f"`{i.key}` (`{i.flag}`)" for i in spec.knob_infos()]
         if spec.uses_lambda:
-            keys = "`lambda`" + ("" if keys == "—" else f", {keys}")
+            knobs.insert(0, "`lambda` (`--lambda`)")
+        if spec.needs_a_norm:
+            knobs.append("`a-norm` (`--a-norm`, `--train-meta`)")
+        if spec.weighting != "weighted":
+            knobs.append("p_t = 1/T only" if spec.weighting == "uniform" else "ignores p_t")
         scale = "β = λT" if spec.paper_scale == "sum" else "β = λ"
         formula = spec.formula.replace("|", "\\|")  # a Markdown cell
         lines.append(
-            f"| `{spec.name}` | {formula} | {keys} | {scale} | {spec.title}, {spec.paper} |"
+            f"| `{spec.name}` | {formula} | {', '.join(knobs) or '—'} | {scale} "
+            f"| {spec.title}, {spec.paper} |"
         )
     return "\n".join(lines) + "\n"
 

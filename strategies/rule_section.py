@@ -122,11 +122,7 @@ class RuleSection:
                 f"{name} is unweighted; drop weighting=examples "
                 "(or use strategy=fedavg with weighting=examples)"
             )
-        if name == "cclip" and not self.knobs[name].is_set:  # type: ignore[attr-defined]
-            raise ConfigError(
-                "cclip needs tau-c > 0, its clipping radius in units of ‖Δ_t‖₂ (set tau-c=..., "
-                "or tau-c-auto=true for the median update norm; results.json lists them)"
-            )
+        self.knobs[name].check_runnable()
 
     # -- what the strategy asks -----------------------------------------------------------------
 

@@ -111,6 +111,10 @@ class RuleKnobs:
     def check(self) -> None:
         """Validate the knobs; raise ``self.error(field, problem, example)``."""
 
+    def check_runnable(self) -> None:
+        """Valid knobs the rule still cannot run with (cclip without a radius): raise a one-line
+        ConfigError. Called when the rule is chosen (a run's ``strategy``, a merge's method)."""
+
     @classmethod
     def knob_infos(cls) -> list[KnobInfo]:
         infos = []

@@ -168,11 +168,14 @@ def test_a_run_with_infinite_values_writes_strict_json_resumes_and_merges(tmp_pa
     # fl-sim merge on the run's client files: its report is strict JSON as well
     clients = sorted((out / "clients").glob("client_*.safetensors"))
     merged = tmp_path / "merged.safetensors"
-    argv = ["merge", "--method", "fedavg", "--base", str(out / "base.safetensors")]
+    argv = ["merge", "--method", "fednova", "--base", str(out / "base.safetensors")]
+    argv += ["--train-meta", str(out / "clients" / "train_meta.json")]  # the run's own K_t, Σ η
     argv += ["--out", str(merged), "--no-progress", *map(str, clients)]
     assert cli_main(argv) == 0, capsys.readouterr().err
     report = strict_loads((tmp_path / "merged.merge_report.json").read_text())
     assert report["weights"] == pytest.approx([1 / 3] * 3)
+    meta = strict_loads((out / "clients" / "train_meta.json").read_text())
+    assert report["rule"]["a_norm"] == pytest.approx([m["lr_sum"] for m in meta])
     assert_strict_json_files(tmp_path)
 
 

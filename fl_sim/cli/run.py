@@ -3,9 +3,10 @@
     fl-sim run [--config FILE.toml] [--set key=value ...] [--num-supernodes N]
                [--ray-address [ADDR]] [--client-cpus N] [--client-gpus N]
 
-The run config is parsed here, once, into a ``RunConfig`` and handed to the ServerApp object
-(``make_server_app(config)``): ``run_simulation`` gives the app an empty ``context.run_config``,
-and the ServerApp runs in a thread of this process. Clients get their knobs in each message.
+The run config is parsed here, once, into a ``RunConfig``, expanded into its runs and handed to
+the ServerApp object (``simulate``, fl_sim/federation/simulation.py): ``run_simulation`` gives
+the app an empty ``context.run_config``, and the ServerApp runs in a thread of this process.
+Clients get their knobs in each message.
 
 What Ray reserves per simulated client is the run config's ``client-num-cpus`` and
 ``client-num-gpus``; ``--client-cpus N`` / ``--client-gpus N`` are shortcuts for
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig, help_text
 from fl_sim.federation.simulation import simulate
+from strategies.registry import rule_table
 
 RUN_DESCRIPTION = """\
 With no arguments: the default experiment (experiment = "compare"): the digits suite and the
@@ -53,6 +55,8 @@ examples:
                                                # a Ray cluster; --client-cpus 2 is the same
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda-grid=0.1,0.2,0.3
 
+rules (strategy = ..., or rules = "a,b,..." for compare):
+{rules}
 run-config keys (TOML key = default):
 """
 
@@ -62,7 +66,7 @@ def add_run_parser(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run a federation (fedavg, task_arithmetic, fednova, ...) on Flower simulation",
         description=RUN_DESCRIPTION,
-        epilog=RUN_EPILOG + help_text(),
+        epilog=RUN_EPILOG.format(rules=rule_table()) + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.toml", help="run-config TOML file")

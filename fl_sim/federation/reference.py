@@ -68,15 +68,22 @@ def evaluate_state(
 
 
 def round_rule_config(
-    rule: RuleConfig, results: Sequence[LocalResult], a_norm_kind: str, weighting: str
+    rule: RuleConfig,
+    results: Sequence[LocalResult],
+    a_norm_kind: str,
+    weighting: str,
+    round_index: int = 1,
 ) -> RuleConfig:
-    """The round's RuleConfig: p_t from ``weighting``, ‖a_t‖₁ from the clients' reports."""
+    """The round's RuleConfig: p_t from ``weighting``, ‖a_t‖₁ from the clients' reports, and for
+    seeded rules (dare) the seed of round r: the rule's seed + r − 1, as the Flower strategy."""
     changes: dict[str, object] = {}
+    if rule.spec.seeded:
+        changes["seed"] = rule.seed + round_index - 1
     if weighting == "examples":
         if rule.weights is not None:
             raise ConfigError("give either weights or weighting = 'examples', not both")
         changes["weights"] = [r.num_examples for r in results]
-    if rule.name == "fednova":
+    if rule.spec.needs_a_norm:
         steps = a_norm_kind == "steps"
         changes["a_norm"] = [r.a_norm_steps if steps else r.a_norm_lr_sum for r in results]
     return dataclasses.replace(rule, **changes)
@@ -117,8 +124,9 @@ def run_reference(
             fine_tune(suite, t, state, knobs[t], full_batch=full_batch, round_index=r)
             for t in range(T)
         ]
-        config = round_rule_config(rule, results, a_norm_kind, weighting)
-        aggregator = make_rule(config, T, center=previous_A if rule.name == "cclip" else None)
+        config = round_rule_config(rule, results, a_norm_kind, weighting, r)
+        center = previous_A if rule.spec.carries_center else None
+        aggregator = make_rule(config, T, center=center)
         merged = aggregate_model(
             aggregator,
             plans,

@@ -1,7 +1,8 @@
-"""The Flower ServerApp: R rounds of θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T) from θ₀, evaluated every round.
+"""One federated run on Flower: R rounds of θʳ⁺¹ = θʳ + β · A(Δ₁..Δ_T) from θ₀, evaluated.
 
-``main`` parses the run config once (``RunConfig``), builds θ₀ from the task suite, asks every
+``run_federation`` takes a parsed ``RunConfig``, builds θ₀ from the task suite, asks every
 node for its partition id (node → task t), runs the strategy of ``strategy`` for ``num-rounds``
+(``strategy_for``: the rule section, the aggregation settings and each client's ConfigRecord)
 and evaluates the global model on every task after every round (server side, with the suite;
 round 0 is θ₀), on the val and the test split. Normalised accuracy is acc_t(θʳ) / acc_t(θ₀ + Δ_t)
 on the same split: θ₀ + Δ_t is the client's own model after round 1 (its fine-tuned model: a
@@ -25,8 +26,10 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
   (K_t and Σ_k η_t⁽ᵏ⁾ in the files' order), so ``fl-sim merge`` can redo round 1 offline.
 - ``checkpoint/round.safetensors`` (+ ``round.json``), multi-round runs: θʳ and the run's state
   after every round (fl_sim/federation/round_checkpoint.py); ``resume = true`` (``fl-sim run
-  --resume``)
-  continues from it and ends with the results of an uninterrupted run.
+  --resume``) continues from it and ends with the results of an uninterrupted run.
+
+The ServerApp that ``flwr run .`` starts (a whole experiment: fl_sim/experiments/flower_app.py)
+and ``make_sweep_server_app`` (a list of runs, for ``simulate``) call ``run_federation``.
 """
 
 from __future__ import annotations
@@ -57,27 +60,6 @@ RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, me
 NODE_WAIT_SECONDS = 300.0
 
 
-def make_server_app(
-    run_config: RunConfig | None = None, *, on_round: RoundCallback | None = None
-) -> ServerApp:
-    """A ServerApp for ``run_config`` (None: parse Flower's ``context.run_config``, as under
-    ``flwr run``); a compare experiment runs all its runs, then writes its table and plots."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        from fl_sim.experiments.compare import expand_experiment, write_experiment
-
-        config = run_config or RunConfig.from_mapping(dict(context.run_config))
-        results = [
-            run_federation(grid, run, on_round=on_round) for run in expand_experiment(config)
-        ]
-        if config.experiment.kind == "compare":
-            write_experiment(config, results)
-
-    return app
-
-
 def make_sweep_server_app(
     run_configs: Sequence[RunConfig] | None, *, on_round: RoundCallback | None = None
 ) -> ServerApp:
@@ -91,9 +73,6 @@ def make_sweep_server_app(
             run_federation(grid, config, on_round=on_round)
 
     return app
-
-
-app = make_server_app()
 
 
 def discover_tasks(

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from fl_sim.errors import ConfigError
+from fl_sim.outputs import read_json
 from strategies.fednova import A_NORMS
 from strategies.registry import (
     RULE_NAMES,
@@ -92,8 +93,7 @@ class MergeOptions:
                 f"fednova needs every model's {key!r} ({where}): pass --train-meta META.json "
                 f"or put {META_FILE} in each model folder (or choose --a-norm steps/lr-sum)"
             )
-        seed = int(getattr(self.knobs, "seed", 0))  # seeded rules (dare): the seed knob
-        return RuleConfig(self.method, self.weights, a_norm, knobs=self.knobs, seed=seed)
+        return RuleConfig(self.method, self.weights, a_norm, knobs=self.knobs)
 
 
 def server_lr_for(
@@ -169,7 +169,8 @@ def parse_meta_entry(entry: object, source: str, model: str) -> TrainMeta:
         raise ConfigError(
             f'{source}: entry for {model} must be an object like {{"steps": 500, "lr_sum": 0.5}}'
         )
-    unknown = sorted(set(entry) - {"steps", "lr_sum", "lr-sum", "a_norm_exact"})
+    # "task": the client's task index, written by a run's clients/train_meta.json (not used)
+    unknown = sorted(set(entry) - {"steps", "lr_sum", "lr-sum", "a_norm_exact", "task"})
     if unknown:
         raise ConfigError(
             f"{source}: unknown key {unknown[0]!r} for {model} (expected 'steps' and/or 'lr_sum')"
@@ -193,7 +194,7 @@ def parse_meta_entry(entry: object, source: str, model: str) -> TrainMeta:
 
 def load_json(path: Path, what: str) -> object:
     try:
-        return json.loads(Path(path).read_text())
+        return read_json(path)  # "inf" strings of fl-sim's own files back to floats
     except FileNotFoundError:
         raise ConfigError(f"{what}: file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -24,9 +24,9 @@ from fl_sim.checkpoints.model_checkpoint import (
     open_checkpoint,
 )
 from fl_sim.checkpoints.safetensors_io import write_safetensors
-from fl_sim.federation.heterogeneity import chi_square, effective_weights
 from fl_sim.merge.options import DTYPES, MergeOptions
 from fl_sim.outputs import write_json
+from strategies.heterogeneity import chi_square, effective_weights
 from strategies.registry import make_rule
 from strategies.streaming import (
     AggregationOptions,
