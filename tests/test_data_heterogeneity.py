@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import helpers
 import pytest
 import torch
 from flwr.app import ConfigRecord
@@ -35,31 +36,15 @@ from fl_sim.suites.shared_head import SharedHeadSuite
 from fl_sim.suites.toy import ToySuite
 from strategies.registry import RuleConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 3
 KNOBS = TrainingKnobs(lr=0.05, local_steps=6, batch_size=16)
-BASE = {
-    "experiment": "single",
-    "task-suite": "toy",
-    "optimizer": "sgd",
-    "preset": "none",
-    "num-tasks": T,
-    "local-steps": 6,
-    "lr": 0.05,
-    "update-cache": False,
-    "diagnostic-batch": 64,
-}
+BASE = {**helpers.BASE, "local-steps": 6, "update-cache": False, "diagnostic-batch": 64}
 
 
 def config(**values: object) -> RunConfig:
     return RunConfig.from_mapping({**BASE, **values})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def legacy_fine_tune(suite, t, theta, knobs, round_index):

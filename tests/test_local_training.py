@@ -17,18 +17,12 @@ from fl_sim.suites.base import FEDERATED_PREFIX, evaluate, federated_state, load
 from fl_sim.suites.registry import make_suite
 from fl_sim.suites.toy import ToySuite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def suite() -> ToySuite:
     return ToySuite(num_tasks=3, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def theta_plus(state, update):

@@ -20,18 +20,12 @@ from fl_sim.suites.base import task_loss
 from fl_sim.suites.toy import ToySuite
 from strategies.registry import RuleConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def suite() -> ToySuite:
     return ToySuite(num_tasks=3, examples_per_task=128, seed=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_states_close(actual, expected, atol=1e-6):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import InProcessGrid, assert_states_close, config
 from safetensors.torch import load_file, save_file
 
 from fl_sim.cli.main import main as cli_main
@@ -21,7 +22,6 @@ from fl_sim.federation.server_app import run_federation
 from fl_sim.suites.registry import make_suite
 from strategies.registry import RuleConfig, make_rule
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model
-from tests.helpers import InProcessGrid, assert_states_close, config
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
 

@@ -14,16 +14,8 @@ from fl_sim.federation.server_app import RunRecorder, run_federation
 from fl_sim.suites.registry import make_suite
 from strategies.server_step import ServerLrCandidate
 
-pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
 T = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -18,17 +18,9 @@ from clients.update_cache import UpdateCache, cached_fine_tune, key_material, up
 from fl_sim.federation.server_app import run_federation
 from fl_sim.suites.registry import make_suite
 
-pytestmark = pytest.mark.usefixtures("isolated_cache", "task_identity")
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
 T = 3
 SUITE_CONFIG = {"task-suite": "toy", "num-tasks": T, "suite-seed": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
