@@ -21,7 +21,8 @@ own figures and the aggregation time.
 
 β search (``server-lr-grid``; task_arithmetic: ``lambda-grid``, β = λT), one-shot runs only: round
 1 aggregates A once (``strategies/server_step.py``), the ``select_server_lr`` callback (the
-ServerApp, on validation data) picks a grid point, and the round's model is θ₀ + β·A.
+ServerApp, on validation data) picks β from the grid or, when the grid's best is at an end,
+beyond it (``search_server_lr``), and the round's model is θ₀ + β·A.
 Declared faults (``byzantine``, ``crash``, ``slow``; clients/fault_injection.py) go to
 each client in its ConfigRecord. ``start`` can resume at a later round
 (fl_sim/federation/round_checkpoint.py) with the state of ``checkpoint_state``/``restore_state``.
@@ -326,7 +327,7 @@ class RuleStrategy(Strategy):
             # A itself: the engine from a zero base with β = 1, then θ₀ + β·A per grid point
             update = self._aggregate(server_round, rule, tasks, updates, 1.0, zero_base=True)
             seconds = time.perf_counter() - start
-            beta = candidates[self.select_server_lr(self._theta, update, candidates)].beta
+            beta = self.select_server_lr(self._theta, update, candidates).beta  # grid or beyond
             start = time.perf_counter()
             merged = server_step(self._theta, update, beta)
         else:

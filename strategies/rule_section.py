@@ -4,9 +4,9 @@
 
 It is read from the same flat run-config keys as every other section (fl_sim/config): its own
 (``strategy``, ``num-rounds``, ``server-lr``, ``lambda``, ``weighting``, ``server-lr-grid``,
-``lambda-grid``) and every registered rule's knobs (``rho``, ``tau-c``, ``ties-density``...,
-strategies/registry.py), so that a compare experiment can run every rule with its own knobs.
-The Flower strategy receives this section and nothing else of the run config.
+``lambda-grid``, ``search-*``) and every registered rule's knobs (``rho``, ``tau-c``,
+``ties-density``..., strategies/registry.py), so that a compare experiment can run every rule
+with its own knobs. The Flower strategy receives this section and nothing else of the run config.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from fl_sim.errors import ConfigError
 from strategies.registry import RULE_NAMES, RuleConfig, default_knobs, rule_spec
 from strategies.rule_spec import RuleKnobs
-from strategies.server_step import ServerLrCandidate, parse_grid
+from strategies.server_step import SearchSettings, ServerLrCandidate, parse_grid
 
 WEIGHTINGS = ("uniform", "examples")
 
@@ -66,6 +66,35 @@ class RuleSection:
         "β = λT and selected on the val split as server-lr-grid; '' = off",
         "grid",
     )
+    search_extend: bool = _setting(
+        True,
+        "search-extend",
+        "β/λ search: while the best β on val is the smallest (largest) tried, also try half "
+        "(twice) it, up to search-max-extensions times per end; a β still at an end is "
+        "flagged (selected_on_bound in results.json, * in the tables)",
+        "bool",
+    )
+    search_max_extensions: int = _setting(
+        6,
+        "search-max-extensions",
+        "β/λ search: the most halvings below and doublings above the grid (a bound of a "
+        "factor 2^k beyond each end)",
+        "int",
+    )
+    search_refine: int = _setting(
+        2,
+        "search-refine",
+        "β/λ search: after extending, this many bisection steps in log β between the best "
+        "β and its neighbours (on val; 0 = off)",
+        "int",
+    )
+    paper_defaults: bool = _setting(
+        False,
+        "paper-defaults",
+        "the paper's authors' choices where fl-sim's defaults differ: a-norm = steps, "
+        "median-mode = lower (strategies/paper_defaults.py); each key given explicitly wins",
+        "bool",
+    )
     # every registered rule's knobs (rule name → its RuleKnobs), keys from the registry
     knobs: Mapping[str, RuleKnobs] = field(default_factory=default_knobs)
 
@@ -87,6 +116,12 @@ class RuleSection:
                 raise ConfigError(
                     f"{key} must be a finite number > 0, got {value} (set {key}={fix})"
                 )
+        for key, count in (
+            ("search-max-extensions", self.search_max_extensions),
+            ("search-refine", self.search_refine),
+        ):
+            if count < 0:
+                raise ConfigError(f"{key} must be an integer ≥ 0, got {count} (set {key}=2)")
         missing = sorted(set(RULE_NAMES) - set(self.knobs))
         if missing:
             raise ConfigError(f"rule section: no knobs for {', '.join(missing)}")
@@ -159,6 +194,10 @@ class RuleSection:
         if rule_spec(self.strategy).uses_lambda:
             return [ServerLrCandidate(lam * num_clients, lam) for lam in self.lambda_candidates()]
         return [ServerLrCandidate(beta) for beta in self.server_lr_candidates()]
+
+    def search_settings(self) -> SearchSettings:
+        """How the search goes beyond its grid (strategies/server_step.py)."""
+        return SearchSettings(self.search_extend, self.search_max_extensions, self.search_refine)
 
     @property
     def searches_server_lr(self) -> bool:

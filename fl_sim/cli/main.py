@@ -84,6 +84,13 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train-meta", metavar="META.json", help="each FT's steps and lr_sum (see below)"
     )
+    parser.add_argument(
+        "--paper-defaults",
+        action="store_true",
+        default=None,
+        help="the paper's authors' choices where fl-sim's defaults differ, for what is not "
+        "given: --a-norm steps, --median-mode lower (YAML: paper_defaults: true)",
+    )
     add_knob_flags(parser)
     parser.add_argument(
         "--device",
@@ -164,6 +171,7 @@ def run_merge_command(args: argparse.Namespace) -> int:
         "weights": args.weights,
         "a_norm": args.a_norm,
         "train_meta": args.train_meta,
+        "paper_defaults": args.paper_defaults,
         **{yaml: getattr(args, dest) for yaml, dest in knob_flags().items()},
         "device": args.device,
         "dtype": args.dtype,

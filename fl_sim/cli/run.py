@@ -177,13 +177,20 @@ def summary_table(results: Mapping[str, object]) -> str:
     lines.append(
         "final per task: " + ", ".join(f"{x['name']} {x['accuracy']:.3f}" for x in final["tasks"])
     )
-    for row in results.get("beta_search") or []:
+    on_bound = bool(results.get("selected_on_bound"))
+    for row in sorted(results.get("beta_search") or [], key=lambda r: r["beta"]):
         knob = f"λ {row['lambda']:g} (β {row['beta']:g})" if row["lambda"] else f"β {row['beta']:g}"
         norm = row["val_mean_normalized_accuracy"]
-        chosen = "  ← selected" if row["beta"] == results["selected_beta"] else ""
+        selected = row.get("selected", row["beta"] == results["selected_beta"])
+        chosen = f"  ← selected{'*' if on_bound else ''}" if selected else ""
         lines.append(
-            f"search {knob}: val acc {row['val_mean_accuracy']:.3f}, "
+            f"search {knob} [{row.get('stage', 'grid')}]: val acc {row['val_mean_accuracy']:.3f}, "
             f"val norm acc {'-' if norm is None else f'{norm:.3f}'}{chosen}"
+        )
+    if results.get("beta_search") and on_bound:
+        lines.append(
+            "* the selected β is the smallest or largest tried: the optimum may lie beyond "
+            "(raise search-max-extensions or widen the grid)"
         )
     if results.get("selected_test"):
         test = results["selected_test"]

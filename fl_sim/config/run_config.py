@@ -51,6 +51,7 @@ from fl_sim.config.sections import (
     TrainingSection,
 )
 from fl_sim.errors import ConfigError
+from strategies.paper_defaults import PAPER_CHOICES, paper_values
 from strategies.registry import RULES, all_knob_infos
 from strategies.rule_section import WEIGHTINGS, RuleSection
 from strategies.rule_spec import KnobInfo
@@ -93,11 +94,16 @@ class RunConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> RunConfig:
-        """Parse a flat kebab-case mapping (Flower's run_config); missing keys take defaults."""
+        """Parse a flat kebab-case mapping (Flower's run_config); missing keys take defaults.
+
+        With ``paper-defaults = true`` the keys of strategies/paper_defaults.py that are absent
+        from the mapping take the paper's authors' values first; a key given explicitly wins."""
         section_keys = {
             spec.metadata["key"]: (section, spec) for section, spec in _section_fields()
         }
         knob_keys = {info.key: info for info in all_knob_infos()}
+        if coerce("paper-defaults", "bool", values.get("paper-defaults", False)):
+            values = {**paper_values(values), **values}  # only keys absent from the mapping
         kwargs: dict[str, dict[str, object]] = {section: {} for section in SECTIONS}
         knob_values: dict[str, dict[str, object]] = {name: {} for name in RULES}
         for key, value in values.items():
@@ -139,6 +145,23 @@ class RunConfig:
                 for info in all_knob_infos():
                     values[info.key] = getattr(self.rule.knobs[info.rule], info.field)
         return values
+
+    def paper_defaults(self) -> dict[str, object]:
+        """For results.json: whether ``paper-defaults`` is on, the keys that hold the paper's
+        value (``set``) and those an explicit key kept at another value (``kept``)."""
+        values = self.to_mapping()
+        choices = {c.key: c.value for c in PAPER_CHOICES}
+        return {
+            "enabled": self.rule.paper_defaults,
+            "set": {
+                k: v for k, v in choices.items() if self.rule.paper_defaults and values[k] == v
+            },
+            "kept": {
+                k: values[k]
+                for k, v in choices.items()
+                if self.rule.paper_defaults and values[k] != v
+            },
+        }
 
     def updated(self, changes: Mapping[str, object]) -> RunConfig:
         """This config with some keys changed (kebab-case), parsed and validated as a whole."""

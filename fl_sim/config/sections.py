@@ -288,6 +288,41 @@ class SuiteSection:
             kind="float",
         ),
     )
+    quadratic_dim: int = field(
+        default=50,
+        metadata=key_metadata(
+            "quadratic-dim",
+            "task-suite=quadratic: d, the dimension of θ (L_t(θ) = ½ Σ_j h_t,j (θ_j − c_t,j)²)",
+            kind="int",
+        ),
+    )
+    quadratic_spread: float = field(
+        default=1.0,
+        metadata=key_metadata(
+            "quadratic-spread",
+            "task-suite=quadratic: data heterogeneity, c_t = c̄ + spread · N(0, I) around a "
+            "common centre c̄ (0: one common minimiser; ζ² grows with it)",
+            kind="float",
+        ),
+    )
+    quadratic_curvature_spread: float = field(
+        default=4.0,
+        metadata=key_metadata(
+            "quadratic-curvature-spread",
+            "task-suite=quadratic: s ≥ 1, the curvatures h_t,j are log-uniform on [1/√s, √s] "
+            "(1: h = 1; 4: [0.5, 2])",
+            kind="float",
+        ),
+    )
+    quadratic_noise: float = field(
+        default=0.0,
+        metadata=key_metadata(
+            "quadratic-noise",
+            "task-suite=quadratic: σ, seeded Gaussian gradient noise per training example "
+            "(a batch averages it; the full batch is exact); 0 = exact gradients",
+            kind="float",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_at_least("num-tasks", self.num_tasks, 1)
@@ -315,6 +350,10 @@ class SuiteSection:
             "shared-head": self.shared_head,
             "dirichlet-task": self.dirichlet_task,
             "dirichlet-alpha": self.dirichlet_alpha,
+            "quadratic-dim": self.quadratic_dim,
+            "quadratic-spread": self.quadratic_spread,
+            "quadratic-curvature-spread": self.quadratic_curvature_spread,
+            "quadratic-noise": self.quadratic_noise,
         }
 
 

@@ -106,6 +106,8 @@ def summarize(config: RunConfig, results: Sequence[Mapping[str, object]]) -> dic
                 "rounds": run_config["num-rounds"],
                 "beta": run.get("selected_beta") or training.get("server_lr"),
                 "lambda": run.get("selected_lambda"),
+                "beta_on_bound": run.get("selected_on_bound"),
+                "beta_tried": len(run.get("beta_search") or []),
                 "test_mean_accuracy": test["mean_accuracy"],
                 "test_mean_normalized_accuracy": sum(normalized) / len(normalized),
                 "test_accuracy": accuracy,
@@ -171,9 +173,10 @@ def draw_plots(
                 (r["round"], r["splits"]["test"]["mean_accuracy"]) for r in run["rounds"]
             ]
         if run.get("beta_search"):
-            searches[rule] = [
-                (s["beta"], s["val_mean_normalized_accuracy"]) for s in run["beta_search"]
-            ]
+            searches[rule] = sorted(
+                ((s["beta"], s["val_mean_normalized_accuracy"]) for s in run["beta_search"]),
+                key=lambda point: point[0],
+            )
             selected[rule] = run["selected_beta"]
     if by_rule_rounds:
         written.append(
@@ -209,13 +212,21 @@ def table(summary: Mapping[str, object]) -> str:
         f"{sum(summary['finetuned_test_accuracy']) / len(summary['finetuned_test_accuracy']):.3f}",
         f"{'rule':<16}{'mode':<13}{'β':>7}{'test acc':>10}{'normalized':>12}{'χ²(p‖w)':>10}",
     ]
+    bound = False
     for row in summary["rows"]:
         beta = "-" if row["beta"] is None else f"{row['beta']:.3g}"
+        if row.get("beta_on_bound"):
+            beta, bound = beta + "*", True
         normalized = row["test_mean_normalized_accuracy"]
         chi = row["chi_square"]
         lines.append(
             f"{row['rule']:<16}{row['mode']:<13}{beta:>7}{row['test_mean_accuracy']:>10.3f}"
             f"{'-' if normalized is None else f'{normalized:.3f}':>12}"
             f"{'-' if chi is None else f'{chi:.3f}':>10}"
+        )
+    if bound:
+        lines.append(
+            "* β on a bound of its search (the smallest or largest β tried after extending the "
+            "grid): the optimum may lie beyond"
         )
     return "\n".join(lines)

@@ -81,6 +81,7 @@ def accuracy_vs_beta(
                 axis.plot(
                     [selected[rule]], [best], marker="*", markersize=14, color=line.get_color()
                 )
+    axis.set_xscale("log")  # the search halves and doubles β beyond the grid
     axis.set_xlabel("server step β")
     axis.set_ylabel("mean normalized accuracy (validation)")
     axis.set_title(title)

@@ -25,9 +25,11 @@ from fl_sim.config.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.config.run_config import RunConfig
 from fl_sim.federation.diagnostics import measure as measure_diversity
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
-from strategies.flower_strategy import RuleStrategy
+from strategies.flower_strategy import RoundRecord, RuleStrategy
 from strategies.rule import client_weights
-from strategies.server_step import ServerLrCandidate, server_step
+from strategies.server_step import ServerLrCandidate, search_server_lr, server_step
+
+QUADRATIC_FILE = "quadratic.safetensors"
 
 
 class RunRecorder:
@@ -48,8 +50,10 @@ class RunRecorder:
         self.evaluation_seconds: dict[int, float] = {}
         self.beta_search: list[dict[str, object]] = []
         self.selected: ServerLrCandidate | None = None
+        self.selected_on_bound: bool | None = None  # the selected β is an end of those tried
         self.search_seconds = 0.0
         self.diagnostics: dict[str, object] = {}
+        self.theory: dict[int, dict[str, object]] = {}  # round → the suite's theory_metrics
         self._last = time.perf_counter()
 
     def checkpoint_state(self) -> dict[str, object]:
@@ -65,8 +69,10 @@ class RunRecorder:
             "evaluation_seconds": self.evaluation_seconds,
             "beta_search": self.beta_search,
             "selected": None if self.selected is None else asdict(self.selected),
+            "selected_on_bound": self.selected_on_bound,
             "search_seconds": self.search_seconds,
             "diagnostics": self.diagnostics,
+            "theory": self.theory,
         }
 
     def restore_state(self, state: Mapping[str, object]) -> None:
@@ -87,8 +93,10 @@ class RunRecorder:
         self.beta_search = list(state["beta_search"])  # type: ignore[call-overload]
         selected = state["selected"]
         self.selected = None if selected is None else ServerLrCandidate(**selected)  # type: ignore[arg-type]
+        self.selected_on_bound = state.get("selected_on_bound")  # type: ignore[assignment]
         self.search_seconds = float(state["search_seconds"])  # type: ignore[arg-type]
         self.diagnostics = dict(state["diagnostics"])  # type: ignore[call-overload]
+        self.theory = by_int(state.get("theory", {}))  # type: ignore[assignment]
         self._last = time.perf_counter()
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
@@ -102,12 +110,22 @@ class RunRecorder:
             for split in SPLITS
         }
 
-    def evaluate_round(self, server_round: int, arrays: object) -> MetricRecord:
-        """Strategy.start's evaluate_fn: every task's loss and accuracy at θʳ (both splits)."""
+    def evaluate_round(
+        self, server_round: int, arrays: object, records: Sequence[RoundRecord] = ()
+    ) -> MetricRecord:
+        """Strategy.start's evaluate_fn: every task's loss and accuracy at θʳ (both splits);
+        and, for a suite with ``theory_metrics`` (the quadratic suite), those, with the
+        effective weights w_t of round ``server_round``'s record in ``records``."""
         self.round_seconds[server_round] = time.perf_counter() - self._last
         start = time.perf_counter()
-        evaluations = self.evaluate(record_to_tensors(arrays))  # type: ignore[arg-type]
+        state = record_to_tensors(arrays)  # type: ignore[arg-type]
+        evaluations = self.evaluate(state)
         self.evaluations[server_round] = evaluations
+        theory_metrics = getattr(self.suite, "theory_metrics", None)
+        if theory_metrics is not None:
+            self.theory[server_round] = theory_metrics(
+                state, self.client_weights(), self.effective_weights(server_round, records)
+            )
         self.evaluation_seconds[server_round] = time.perf_counter() - start
         self._last = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -118,6 +136,19 @@ class RunRecorder:
         metrics["accuracy"] = metrics[f"{headline}-accuracy"]
         metrics["loss"] = metrics[f"{headline}-loss"]
         return MetricRecord(metrics)
+
+    def effective_weights(
+        self, server_round: int, records: Sequence[RoundRecord]
+    ) -> list[float] | None:
+        """w_t of every task in round ``server_round`` (0 for a client that did not reply);
+        None without that round's record (round 0)."""
+        record = next((rec for rec in records if rec.round == server_round), None)
+        if record is None:
+            return None
+        weights = [0.0] * self.suite.num_tasks
+        for t, w in zip(record.clients, record.effective_weights, strict=True):
+            weights[t] = float(w)
+        return weights
 
     def client_updates(
         self, server_round: int, updates: dict[int, dict[str, torch.Tensor]]
@@ -154,19 +185,20 @@ class RunRecorder:
         theta: Mapping[str, torch.Tensor],
         update: Mapping[str, torch.Tensor],
         candidates: Sequence[ServerLrCandidate],
-    ) -> int:
-        """The grid point whose θ + β·A has the best mean normalised VAL accuracy (the first on
-        ties; the mean val accuracy when no fine-tuned accuracy is known). Test is recorded,
-        never used."""
+    ) -> ServerLrCandidate:
+        """The β whose θ + β·A has the best mean normalised VAL accuracy (the first tried on
+        ties; the mean val accuracy when no fine-tuned accuracy is known), from the grid or,
+        when the grid's best is at an end, beyond it (strategies/server_step.py
+        search_server_lr, settings from the rule section). Test is recorded, never used."""
         start = time.perf_counter()
-        scores = []
-        for candidate in candidates:
+        rows: list[dict[str, object]] = []
+
+        def score(candidate: ServerLrCandidate) -> float:
             evaluations = self.evaluate(server_step(theta, update, candidate.beta))
             val = self.split_summary(evaluations["val"], "val")
             test = self.split_summary(evaluations["test"], "test")
             normalized = val["mean_normalized_accuracy"]
-            scores.append(val["mean_accuracy"] if normalized is None else normalized)
-            self.beta_search.append(
+            rows.append(
                 {
                     "beta": candidate.beta,
                     "lambda": candidate.lam,
@@ -176,10 +208,16 @@ class RunRecorder:
                     "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
                 }
             )
-        best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
-        self.selected = candidates[best]
+            return float(val["mean_accuracy"] if normalized is None else normalized)  # type: ignore[arg-type]
+
+        result = search_server_lr(candidates, score, self.config.rule.search_settings())
+        for index, (row, point) in enumerate(zip(rows, result.points, strict=True)):
+            row |= {"stage": point.stage, "selected": index == result.best}
+        self.beta_search.extend(rows)
+        self.selected = result.selected
+        self.selected_on_bound = result.on_bound
         self.search_seconds = time.perf_counter() - start
-        return best
+        return result.selected
 
     def normalized(self, t: int, accuracy: float, split: str | None = None) -> float | None:
         """acc_t(θ) / acc_t(θ₀ + Δ_t) on the same split (None without a fine-tuned model)."""
@@ -208,6 +246,13 @@ class RunRecorder:
                 sum(normalized) / len(normalized) if None not in normalized else None
             ),
         }
+
+    def write_problem(self) -> None:
+        """A suite with ``problem_tensors`` (the quadratic suite): its problem (c, h, θ₀, p) to
+        results-dir/quadratic.safetensors, atomically, so the trajectory can be recomputed."""
+        problem = getattr(self.suite, "problem_tensors", None)
+        if problem is not None:
+            save_tensors(self.out / QUADRATIC_FILE, problem(self.client_weights()))
 
     def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
         """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
@@ -245,6 +290,7 @@ class RunRecorder:
                 "mean_accuracy": splits[headline]["mean_accuracy"],
                 "mean_normalized_accuracy": splits[headline]["mean_normalized_accuracy"],
                 "splits": splits,
+                **({"theory": self.theory[r]} if r in self.theory else {}),
                 "timings": {
                     "round_seconds": self.round_seconds.get(r),
                     "evaluation_seconds": self.evaluation_seconds.get(r),
@@ -272,6 +318,7 @@ class RunRecorder:
             "status": status,
             "error": error,
             "config": self.config.to_mapping(),
+            "paper_defaults": self.config.paper_defaults(),
             "versions": {
                 "fl_sim": fl_sim.__version__,
                 "flwr": flwr.__version__,
@@ -296,6 +343,7 @@ class RunRecorder:
             "beta_search": self.beta_search or None,
             "selected_beta": None if self.selected is None else self.selected.beta,
             "selected_lambda": None if self.selected is None else self.selected.lam,
+            "selected_on_bound": self.selected_on_bound,
             "selected_test": selected_test,
             "diagnostics": (
                 {
@@ -321,6 +369,7 @@ class RunRecorder:
                 "base": "base.safetensors",
                 "clients": self.client_files,
                 "train_meta": "clients/train_meta.json" if self.client_files else None,
+                **({"quadratic": QUADRATIC_FILE} if hasattr(self.suite, "problem_tensors") else {}),
             },
         }
 

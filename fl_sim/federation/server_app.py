@@ -160,6 +160,7 @@ def run_federation(
 
     node_tasks = discover_tasks(grid, suite.num_tasks)
     recorder = RunRecorder(config, suite, theta0)
+    recorder.write_problem()  # the quadratic suite's c, h, θ₀, p; other suites write nothing
     strategy = strategy_for(
         config,
         node_tasks,
@@ -176,7 +177,7 @@ def run_federation(
         first_round, initial = checkpoint.round + 1, checkpoint.theta
 
     def evaluate_fn(server_round: int, arrays: object) -> MetricRecord:
-        metrics = recorder.evaluate_round(server_round, arrays)
+        metrics = recorder.evaluate_round(server_round, arrays, strategy.rounds)
         if server_round >= 1 and config.rule.num_rounds > 1:  # the commit point of round r
             write_checkpoint(
                 out,

@@ -26,6 +26,7 @@ import yaml
 from fl_sim.errors import ConfigError
 from fl_sim.outputs import read_json
 from strategies.fednova import A_NORMS
+from strategies.paper_defaults import paper_values
 from strategies.registry import (
     RULE_NAMES,
     RULES,
@@ -71,6 +72,8 @@ class MergeOptions:
     allow_pickle: bool = False
     force: bool = False
     statistics: bool = True
+    paper_defaults: bool = False  # --paper-defaults
+    paper_set: tuple[tuple[str, str], ...] = ()  # (YAML name, value) the switch set
 
     @property
     def num_clients(self) -> int:
@@ -210,22 +213,35 @@ def build_merge_options(
     lam: float | None = None,
     server_lr: float | None = None,
     weights: str | Sequence[float] | None = None,
-    a_norm: str = "lr-sum",
+    a_norm: str | None = None,
     train_meta: str | None = None,
     device: str = "auto",
     dtype: str | None = None,
     allow_pickle: bool = False,
     force: bool = False,
     statistics: bool = True,
+    paper_defaults: bool = False,
     **knobs: object,
 ) -> MergeOptions:
     """Validate every knob once and return the options the merge trusts.
 
     ``knobs`` are the method's own knobs by their YAML names (``rho=0.5``, ``tau_c=5``,
-    ``density=0.2``...; see ``fl-sim merge --help``); a knob of another rule is an error."""
+    ``density=0.2``...; see ``fl-sim merge --help``); a knob of another rule is an error.
+    ``paper_defaults`` sets the paper's authors' choices (strategies/paper_defaults.py) that were
+    not given: ``a_norm`` when it is None, the method's own knobs when absent from ``knobs``."""
     if method not in RULE_NAMES:
         raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(RULE_NAMES)}")
     spec = rule_spec(method)
+    paper_set: dict[str, str] = {}
+    if paper_defaults:
+        own = {info.yaml for info in all_knob_infos() if info.rule == method}
+        given = set(knobs) | ({"a_norm"} if a_norm is not None else set())
+        paper_set = {
+            k: v for k, v in paper_values(given, by="yaml").items() if k == "a_norm" or k in own
+        }
+        a_norm = paper_set.get("a_norm", a_norm)
+        knobs = {**knobs, **{k: v for k, v in paper_set.items() if k != "a_norm"}}
+    a_norm = "lr-sum" if a_norm is None else a_norm
     rule_knobs = spec.knobs.from_values(knobs, by="yaml")
     if len(models) < 2:
         raise ConfigError(
@@ -256,6 +272,8 @@ def build_merge_options(
         allow_pickle=allow_pickle,
         force=force,
         statistics=statistics,
+        paper_defaults=bool(paper_defaults),
+        paper_set=tuple(paper_set.items()),
     )
     # the rule's own checks (τ_c set, weights allowed, fednova's a-norm) run now
     make_rule(options.rule_config(), options.num_clients)
@@ -263,12 +281,18 @@ def build_merge_options(
 
 
 # parameters of every method, and each rule's own knobs by their YAML names (the registry)
-YAML_PARAMETERS = {"lambda": "lam", "server_lr": "server_lr", "a_norm": "a_norm"} | {
-    info.yaml: info.yaml for info in all_knob_infos()
-}
-YAML_KINDS = {"lambda": "float", "server_lr": "float", "a_norm": "str"} | {
-    info.yaml: info.kind for info in all_knob_infos()
-}
+YAML_PARAMETERS = {
+    "lambda": "lam",
+    "server_lr": "server_lr",
+    "a_norm": "a_norm",
+    "paper_defaults": "paper_defaults",
+} | {info.yaml: info.yaml for info in all_knob_infos()}
+YAML_KINDS = {
+    "lambda": "float",
+    "server_lr": "float",
+    "a_norm": "str",
+    "paper_defaults": "bool",
+} | {info.yaml: info.kind for info in all_knob_infos()}
 MODEL_PARAMETERS = ("weight", "density")  # per-model parameters (mergekit's names)
 YAML_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out", "train_meta"}
 

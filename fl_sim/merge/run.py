@@ -185,6 +185,7 @@ def build_report(
             "dtype": options.dtype,
         },
         "weights": p,
+        "paper_defaults": {"enabled": options.paper_defaults, "set": dict(options.paper_set)},
         "heterogeneity": heterogeneity,
         "rule": rule.summary(),
         "task_vectors": task_vectors,

@@ -95,6 +95,14 @@ class MultiTaskModel(nn.Module):
     def forward(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
         return self.heads[0 if self.shared_head else task_index](self.backbone(x))
 
+    def objective(
+        self, task_index: int, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-example (loss, score) of task ``task_index`` on (x, y) for a model whose objective
+        is not its heads' cross-entropy and accuracy (the quadratic suite overrides it); None,
+        the default: the cross-entropy of ``self(x, task_index)`` against y, and correctness."""
+        return None
+
     def task_index(self, name: str) -> int:
         if name not in self.task_names:
             raise ConfigError(f"unknown task {name!r}; this model has {', '.join(self.task_names)}")
@@ -155,19 +163,31 @@ def load_federated_state(model: MultiTaskModel, state: Mapping[str, torch.Tensor
 def task_loss(
     model: MultiTaskModel, task_index: int, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """L_t on a batch: the mean cross-entropy of head ``task_index`` on (x, y)."""
+    """L_t on a batch: the mean cross-entropy of head ``task_index`` on (x, y) (or the mean of
+    the model's own ``objective``)."""
+    own = model.objective(task_index, x, y)
+    if own is not None:
+        return own[0].mean()
     return F.cross_entropy(model(x, task_index), y)
 
 
 def _loss_sums(
     model: MultiTaskModel, index: int, x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> tuple[float, int]:
-    """(Σ cross-entropy, number correct) of head ``index`` on (x, y), eval mode, without grad."""
+    """(Σ cross-entropy, number correct) of head ``index`` on (x, y), eval mode, without grad
+    (or the sums of the model's own ``objective``: loss and score)."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     with torch.no_grad():
         for start in range(0, y.shape[0], batch_size):
+            own = model.objective(
+                index, x[start : start + batch_size], y[start : start + batch_size]
+            )
+            if own is not None:
+                total_loss += float(own[0].sum())
+                correct += float(own[1].sum())  # type: ignore[assignment]
+                continue
             logits = model(x[start : start + batch_size], index)
             target = y[start : start + batch_size]
             total_loss += float(F.cross_entropy(logits, target, reduction="sum"))

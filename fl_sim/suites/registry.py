@@ -1,7 +1,7 @@
 """The suite registry: name → suite, and the suite as run-config keys, which every party needs
 to build the identical suite.
 
-``make_suite(name, **kwargs)`` builds a registered suite (toy, digits, text, local);
+``make_suite(name, **kwargs)`` builds a registered suite (toy, digits, text, local, quadratic);
 ``build_suite(keys)`` builds it from the run-config keys below.
 
 The ServerApp puts ``RunConfig.suite_config()`` (the keys of ``SUITE_DEFAULTS``, kebab-case) into
@@ -9,7 +9,7 @@ every message's ConfigRecord; the ServerApp and every client call ``build_suite`
 update cache puts it in its key, so all of them train and evaluate the same tasks, data split
 and model:
 
-    task-suite        toy | digits | text | local
+    task-suite        toy | digits | text | local | quadratic
     num-tasks         T, one client per task (shared-head: the number of clients C)
     suite-seed        θ₀ and the data splits
     model             '' = the suite's default; vit-digits (digits); minilm, hf:PATH (text,
@@ -21,6 +21,10 @@ and model:
     shared-head       classic single-task FL (fl_sim/suites/shared_head.py)
     dirichlet-task    shared-head: the task that is split over the clients
     dirichlet-alpha   shared-head: α of the Dirichlet label skew; 0 = IID equal split
+    quadratic-dim, quadratic-spread, quadratic-curvature-spread, quadratic-noise
+                      task-suite=quadratic only: d, the spread of the c_t around their centre,
+                      the bound h_max/h_min of the curvatures, the gradient noise σ
+                      (fl_sim/suites/quadratic.py)
 
 ``check_suite_config`` gives the one-line errors for bad values and combinations.
 """
@@ -32,6 +36,7 @@ from collections.abc import Callable, Mapping
 
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite
+from fl_sim.suites.quadratic import QuadraticSuite, check_quadratic
 from fl_sim.suites.toy import ToySuite
 
 
@@ -60,11 +65,13 @@ SUITES: dict[str, Callable[..., TaskSuite]] = {
     "digits": _digits_suite,
     "text": _text_suite,
     "local": _local_suite,
+    "quadratic": QuadraticSuite,
 }
 
 
 def make_suite(name: str, *, mixing: float = 0.0, **kwargs: object) -> TaskSuite:
-    """The suite registered as ``name`` ("toy", "digits", "text", "local"), built with ``kwargs``.
+    """The suite registered as ``name`` ("toy", "digits", "text", "local", "quadratic"), built
+    with ``kwargs``.
 
     The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
     folder; see fl_sim/suites/encoders.py); local takes ``paths=[one per task]``.
@@ -98,7 +105,17 @@ SUITE_DEFAULTS: dict[str, ConfigValue] = {
     "shared-head": False,
     "dirichlet-task": 0,
     "dirichlet-alpha": 0.0,
+    "quadratic-dim": 50,
+    "quadratic-spread": 1.0,
+    "quadratic-curvature-spread": 4.0,
+    "quadratic-noise": 0.0,
 }
+QUADRATIC_KEYS = (
+    "quadratic-dim",
+    "quadratic-spread",
+    "quadratic-curvature-spread",
+    "quadratic-noise",
+)
 SUITE_KEYS = tuple(SUITE_DEFAULTS)
 REQUIRED_KEYS = ("task-suite", "num-tasks", "suite-seed")
 SUITE_MODELS = {  # model specs each suite takes ('' = its default); prefixes end with ':'
@@ -106,6 +123,7 @@ SUITE_MODELS = {  # model specs each suite takes ('' = its default); prefixes en
     "digits": ("", "vit-digits"),
     "text": ("", "minilm", "hf:"),
     "local": ("", "minilm", "hf:", "clip:"),
+    "quadratic": ("",),
 }
 
 
@@ -159,12 +177,13 @@ def check_suite_config(config: Mapping[str, object]) -> None:
             "(one path per task/client)"
         )
     layers = parse_federated_layers(str(c["federated-layers"]))
-    if layers is not None and suite in ("toy", "digits"):
+    if layers is not None and suite in ("toy", "digits", "quadratic"):
         raise ConfigError(
             f"federated-layers is for the text and local suites; {suite} federates its whole "
             "backbone (drop federated-layers)"
         )
     check_mixing(c["mixing"])
+    _check_quadratic_keys(c, suite, shared)
     alpha, task = float(c["dirichlet-alpha"]), int(c["dirichlet-task"])  # type: ignore[arg-type]
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ConfigError(
@@ -180,6 +199,24 @@ def check_suite_config(config: Mapping[str, object]) -> None:
             f"dirichlet-task must be a task index < {_num_suite_tasks(suite, paths)} of the "
             f"{suite} suite, got {task}"
         )
+
+
+def _check_quadratic_keys(c: Mapping[str, object], suite: str, shared: bool) -> None:
+    """The quadratic-* keys: only for task-suite=quadratic, which has no shared head."""
+    if suite != "quadratic":
+        changed = [key for key in QUADRATIC_KEYS if c[key] != SUITE_DEFAULTS[key]]
+        if changed:
+            raise ConfigError(
+                f"{changed[0]} is for task-suite=quadratic, not {suite}: drop it or set "
+                "task-suite=quadratic"
+            )
+        return
+    if shared:
+        raise ConfigError(
+            "task-suite=quadratic has no heads to share: drop shared-head (its tasks are the "
+            "quadratics L_t)"
+        )
+    check_quadratic(*(c[key] for key in QUADRATIC_KEYS))
 
 
 def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
@@ -209,6 +246,9 @@ def build_suite(config: Mapping[str, object]) -> TaskSuite:
     layers = parse_federated_layers(str(c["federated-layers"]))
     if layers is not None:
         kwargs["federated_layers"] = layers
+    if name == "quadratic":
+        dim, spread, curvature, noise = (c[key] for key in QUADRATIC_KEYS)
+        kwargs.update(dim=dim, spread=spread, curvature_spread=curvature, noise=noise)
     if name == "local":
         kwargs["paths"] = data_paths(str(c["data-paths"]))
         kwargs["num_tasks"] = None if shared else num_tasks
