@@ -48,6 +48,7 @@ RUN_EPILOG = """\
 examples:
   fl-sim run                                   # the default experiment: every rule, digits
   fl-sim run --set rules=task_arithmetic,fednova --set preset=steps-hetero
+  fl-sim run --set seeds=3                     # 3 training seeds: mean ± 95% CI per rule
   fl-sim run --set experiment=single --set strategy=task_arithmetic --set lambda=0.3
   fl-sim run --set experiment=single --set strategy=fednova --set num-rounds=5
   fl-sim run --config my.toml --set results-dir=runs/fednova --ray-address auto
@@ -129,9 +130,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         verbose=args.verbose,
     )
-    if config.experiment.kind == "single":
+    if config.experiment.kind == "single" and len(results) == 1:
         print(summary_table(results[0]))
         print(f"results: {Path(config.output.results_dir) / 'results.json'}")
+        return 0
+    if config.experiment.kind == "single":
+        print(seeds_summary(config, results))
+        print(f"results: {Path(config.output.results_dir) / 'seed-<s>' / 'results.json'}")
         return 0
     summary = write_experiment(config, results)
     print(table(summary))
@@ -139,6 +144,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {root / 'experiment.json'}, {root / 'experiment.csv'}")
     print(f"plots: {root / 'plots'}/")
     return 0
+
+
+def seeds_summary(config: RunConfig, results: list[Mapping[str, object]]) -> str:
+    """A single experiment over several training seeds: each seed's test mean accuracy (of
+    the val-chosen model when β was searched), then mean ± ci95 over the seeds."""
+    from fl_sim.experiments.compare import CI_NOTE, plus_minus, summarize
+
+    summary = summarize(config, results)
+    lines = [f"{config.rule.strategy} · {len(results)} training seeds · test mean accuracy"]
+    lines += [f"  seed {row['seed']}: {row['test_mean_accuracy']:.3f}" for row in summary["rows"]]
+    [row] = summary["summary"]
+    accuracy = plus_minus(row["test_mean_accuracy_mean"], row["test_mean_accuracy_ci95"])
+    normalized = plus_minus(
+        row["test_mean_normalized_accuracy_mean"], row["test_mean_normalized_accuracy_ci95"]
+    )
+    lines.append(
+        f"mean ± 95% CI over {row['n_seeds']} seeds: acc {accuracy}, norm acc {normalized}"
+    )
+    lines.append(f"({CI_NOTE.split(';')[0]})")
+    return "\n".join(lines)
 
 
 def resource_overrides(client_cpus: float | None, client_gpus: float | None) -> list[str]:

@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
 from fl_sim.errors import ConfigError
 
 ConfigValue = bool | int | float | str
-KINDS = ("bool", "int", "float", "str", "layers", "grid", "knob")
+KINDS = ("bool", "int", "float", "str", "layers", "grid", "knob", "seeds")
 
 
 def key_metadata(key: str, help: str, *, kind: str) -> dict[str, str]:
@@ -79,6 +79,16 @@ def coerce(key: str, kind: str, value: object) -> object:
             return repr(float(value))
         except OverflowError:
             raise ConfigError(f"{key} is out of range, got {excerpt(value)}") from None
+    if kind == "seeds":  # a count (an integer) or a comma list of seeds (a string, kept as is)
+        whole = isinstance(value, int) or (
+            isinstance(value, float) and math.isfinite(value) and value == int(value)
+        )
+        if isinstance(value, bool) or not (whole or isinstance(value, str)):
+            raise ConfigError(
+                f"{key} must be a count or a comma list of seeds, got {excerpt(value)} "
+                f'(set {key}=3 or {key}="0,1,2")'
+            )
+        return value if isinstance(value, str) else int(value)  # type: ignore[arg-type]
     # knob: a number, or a string holding a comma list, a range or a name
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(

@@ -40,6 +40,7 @@ from fl_sim.config.keys import (
 )
 from fl_sim.config.sections import (
     EVAL_SPLITS,
+    MAX_SEED,
     NO_PRESET,
     SERVER_DEVICES,
     EngineSection,
@@ -170,7 +171,8 @@ class RunConfig:
     # -- what the run derives from the knobs ---------------------------------------------------
 
     def client_knobs(self) -> list[TrainingKnobs]:
-        """One TrainingKnobs per task/client t = 0..T−1 (client t's seed is seed + t)."""
+        """One TrainingKnobs per task/client t = 0..T−1 (client t's seed is seed + t, or
+        training-seed + t when that is set)."""
         t = self.training
         return client_knobs(
             self.suite.num_tasks,
@@ -182,9 +184,17 @@ class RunConfig:
             momentum=t.momentum,
             weight_decay=t.weight_decay,
             batch_size=t.batch_size,
-            seed=self.suite.seed,
+            seed=self.training_seed(),
             preset=None if t.preset == NO_PRESET else t.preset,
         )
+
+    def training_seed(self) -> int:
+        """The clients' training seed: training-seed, or seed when it is -1 (the default)."""
+        return self.suite.seed if self.training.training_seed < 0 else self.training.training_seed
+
+    def seed_list(self) -> list[int]:
+        """The training seeds of the experiment's repeats (``seeds``; [seed] by default)."""
+        return self.experiment.seed_list(self.suite.seed)
 
     def declared_faults(self) -> Faults:
         """The declared faults (clients/fault_injection.py) for this run's T."""
@@ -213,6 +223,14 @@ class RunConfig:
             for name in experiment.rule_names():
                 if name != "cclip":  # compare picks cclip's τ_c itself (tau-c-auto)
                     rule.check_usable(name)
+        seeds = self.seed_list()
+        if max(seeds) > MAX_SEED:
+            raise ConfigError(f"seeds: seed + seeds − 1 must be ≤ {MAX_SEED}, got {max(seeds)}")
+        if len(seeds) > 1 and self.training.training_seed >= 0:
+            raise ConfigError(
+                "seeds gives every repeat its own training-seed; drop training-seed "
+                '(or list the training seeds in seeds, e.g. seeds="3,4,5")'
+            )
         num_tasks = self.suite.num_tasks
         if self.engine.min_clients > num_tasks:
             raise ConfigError(

@@ -26,6 +26,7 @@ EXPERIMENTS = ("compare", "single")
 NO_PRESET = "none"
 MAX_TASKS = 10_000  # a bound, so that a typo cannot build millions of clients' knobs
 MAX_SEED = 2**32 - 1  # seeds go to torch.manual_seed and NumPy
+MAX_SEEDS = 1000  # repeats of one experiment
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ class ExperimentSection:
             "multi-round-server-lr", "compare: β of the multi-round runs", kind="float"
         ),
     )
+    seeds: int | str = field(
+        default=1,
+        metadata=key_metadata(
+            "seeds",
+            "repeats of the experiment: a count n (training seeds seed, seed+1, ..., seed+n−1) "
+            'or a comma list of training seeds ("0,1,2"); each repeat retrains the clients '
+            "with its training seed (θ₀ and the splits stay those of seed); n > 1 reports the "
+            "mean and a 95% Student-t CI over seeds and writes each to seed-<s>/",
+            kind="seeds",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("experiment", self.kind, EXPERIMENTS)
@@ -95,6 +107,31 @@ class ExperimentSection:
                 f"multi-round-server-lr must be a finite number > 0, got "
                 f"{self.multi_round_server_lr} (set multi-round-server-lr=1)"
             )
+        self.seed_list(0)  # counts and lists are checked here, once
+
+    def seed_list(self, seed: int) -> list[int]:
+        """The training seeds of the repeats: ``seeds`` = n gives seed .. seed + n − 1."""
+        if isinstance(self.seeds, int):
+            if not 1 <= self.seeds <= MAX_SEEDS:
+                raise ConfigError(
+                    f"seeds must be a count in 1..{MAX_SEEDS} or a comma list of seeds, got "
+                    f"{self.seeds} (set seeds=3)"
+                )
+            return [seed + r for r in range(self.seeds)]
+        items = [item.strip() for item in self.seeds.split(",")]
+        if not all(item.isascii() and item.isdigit() for item in items):
+            raise ConfigError(
+                f"seeds must be a count or a comma list of integers ≥ 0, got {self.seeds!r} "
+                '(set seeds=3 or seeds="0,1,2")'
+            )
+        values = [int(item) for item in items]
+        if len(set(values)) != len(values) or len(values) > MAX_SEEDS:
+            raise ConfigError(
+                f"seeds must list at most {MAX_SEEDS} distinct seeds, got {self.seeds!r}"
+            )
+        if max(values) > MAX_SEED:
+            raise ConfigError(f"seeds must be ≤ {MAX_SEED}, got {max(values)}")
+        return values
 
     def rule_names(self) -> list[str]:
         """The ``rules`` of a compare experiment, in order."""
@@ -191,9 +228,23 @@ class TrainingSection:
             kind="str",
         ),
     )
+    training_seed: int = field(
+        default=-1,
+        metadata=key_metadata(
+            "training-seed",
+            "client t trains (minibatch order and sampling, noise) with training-seed + t; "
+            "-1 = seed. A repeat of `seeds` sets it; θ₀ and the splits follow seed only",
+            kind="int",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("a-norm", self.a_norm, A_NORM_KINDS)
+        if not -1 <= self.training_seed <= MAX_SEED:
+            raise ConfigError(
+                f"training-seed must be -1 (= seed) or an integer in 0..{MAX_SEED}, got "
+                f"{self.training_seed} (set training-seed=-1)"
+            )
         check_choice("preset", self.preset, (NO_PRESET, *PRESETS))
         # lists, ranges and presets need T: RunConfig checks them with the suite's num-tasks
 
@@ -205,7 +256,10 @@ class SuiteSection:
     seed: int = field(
         default=0,
         metadata=key_metadata(
-            "seed", "seed of θ₀ and the data; client t trains with seed + t", kind="int"
+            "seed",
+            "seed of θ₀ and the data; client t trains with seed + t (training-seed + t when "
+            "that is set, as each repeat of `seeds` does)",
+            kind="int",
         ),
     )
     task_suite: str = field(

@@ -33,13 +33,16 @@ def normalized_accuracy_per_task(
     tasks: Sequence[str],
     per_rule: Mapping[str, Sequence[float]],
     title: str,
+    errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Grouped bars: normalized accuracy (merged / own fine-tuned) per task, one bar per rule."""
+    """Grouped bars: normalized accuracy (merged / own fine-tuned) per task, one bar per rule;
+    ``errors`` (per rule, per task) draws error bars of those half-widths."""
     figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(tasks)), 4.2))
     width = 0.8 / max(len(per_rule), 1)
     for i, (rule, values) in enumerate(per_rule.items()):
         positions = [t + (i - (len(per_rule) - 1) / 2) * width for t in range(len(tasks))]
-        axis.bar(positions, values, width, label=rule)
+        error = (errors or {}).get(rule)
+        axis.bar(positions, values, width, label=rule, yerr=error, capsize=2 if error else 0)
     axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     axis.set_xticks(range(len(tasks)), tasks, rotation=25, ha="right")
     axis.set_ylabel("normalized accuracy (test)")
@@ -49,13 +52,21 @@ def normalized_accuracy_per_task(
 
 
 def accuracy_vs_rounds(
-    path: Path, per_rule: Mapping[str, Sequence[tuple[int, float]]], title: str
+    path: Path,
+    per_rule: Mapping[str, Sequence[tuple[int, float]]],
+    title: str,
+    errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Mean test accuracy after each round, one line per rule (round 0 = θ₀)."""
+    """Mean test accuracy after each round, one line per rule (round 0 = θ₀); ``errors`` (per
+    rule, per round) draws error bars of those half-widths."""
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for rule, points in per_rule.items():
         rounds, values = zip(*points, strict=True) if points else ((), ())
-        axis.plot(rounds, values, marker="o", label=rule)
+        error = (errors or {}).get(rule)
+        if error:
+            axis.errorbar(rounds, values, yerr=error, marker="o", capsize=3, label=rule)
+        else:
+            axis.plot(rounds, values, marker="o", label=rule)
     axis.set_xlabel("round")
     axis.set_ylabel("mean accuracy over tasks (test)")
     axis.set_title(title)

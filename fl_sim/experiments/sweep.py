@@ -22,7 +22,11 @@ Written to ``DIR``:
 - ``sweep.json``: the manifest: base, grid, and per point its values, config, status (pending,
   running, finished, failed), start and finish times, and how many of its runs were kept;
 - ``sweep.csv``: one row per point × rule × mode (one-shot / multi-round): the grid values,
-  test accuracy, normalised accuracy, β, χ²(p‖w), ζ² ratios and seconds;
+  test accuracy, normalised accuracy, β, χ²(p‖w), ζ² ratios and seconds (each the mean over
+  the point's training seeds, ``seeds``), then n_seeds, the means and 95% CI half-widths over
+  seeds and the paired difference to task_arithmetic (compare.py ``summary_rows``);
+- ``sweep_seeds.csv``: one row per point × rule × mode × seed, with a ``training_seed`` column
+  (``seed`` may be a grid key);
 - ``plots/normalized_accuracy_vs_<key>.png``: one per grid key (fl_sim/experiments/sweep_plots.py);
 - ``points/<slug>/``: each point's experiment (``fl-sim run``'s files).
 """
@@ -54,6 +58,7 @@ from fl_sim.outputs import read_json
 MANIFEST = "sweep.json"
 MANIFEST_FORMAT = "fl-sim-sweep/1"
 CSV_NAME = "sweep.csv"
+SEEDS_CSV_NAME = "sweep_seeds.csv"
 POINTS = "points"
 RESERVED_KEYS = ("results-dir",)  # the sweep sets it: DIR/points/<slug>
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -97,7 +102,10 @@ written to DIR (--out):
   sweep.csv      one row per point x rule x mode: the grid values, point, rule, mode, rounds,
                  beta, selected_lambda, test_mean_accuracy, test_mean_normalized_accuracy,
                  chi_square, zeta_square_ratio_theta0, zeta_square_ratio_final,
-                 trained_clients, seconds
+                 trained_clients, seconds (means over seeds), n_seeds,
+                 test_mean_accuracy_mean/_ci95, test_mean_normalized_accuracy_mean/_ci95,
+                 delta_vs_task_arithmetic_mean/_ci95
+  sweep_seeds.csv one row per point x rule x mode x seed (seeds = n: n training seeds)
   plots/         normalized_accuracy_vs_<key>.png per grid key: one line per rule and mode,
                  averaged over the other grid keys
   points/<slug>/ each point's results (experiment.json/csv and plots, or results.json)"""
@@ -356,9 +364,10 @@ def run_finished(run: RunConfig) -> bool:
 
 
 def point_finished(point: SweepPoint) -> bool:
-    """compare: experiment.json (and .csv) record the point's config; single: run_finished."""
-    if point.config.experiment.kind == "single":
-        return run_finished(point.config)
+    """compare: experiment.json (and .csv) record the point's config; single: run_finished
+    for each of its runs (one per training seed)."""
+    if point.config.experiment.kind == "single":  # one run per training seed of `seeds`
+        return all(run_finished(run) for run in point.runs())
     summary = _read_json(point.folder / "experiment.json")
     return (
         summary is not None
@@ -589,37 +598,77 @@ def _run_seconds(point: SweepPoint) -> float:
 
 
 def point_rows(point: SweepPoint) -> list[dict[str, object]]:
-    """One row per rule × mode of a finished point, its grid values first."""
+    """One row per rule × mode × seed of a finished point, its grid values first."""
     from fl_sim.experiments.compare import MULTI_ROUND, ONE_SHOT, summarize
 
     if point.config.experiment.kind == "compare":
         summary = _read_json(point.folder / "experiment.json") or {}
         rows = list(summary.get("rows") or [])
     else:
-        results = _read_json(point.folder / "results.json") or {}
-        [row] = summarize(point.config, [results])["rows"]
-        row["rule"] = point.config.rule.strategy
-        row["mode"] = ONE_SHOT if point.config.rule.num_rounds == 1 else MULTI_ROUND
-        rows = [row]
+        results = [
+            _read_json(Path(run.output.results_dir) / "results.json") or {} for run in point.runs()
+        ]
+        rows = summarize(point.config, results)["rows"]
+        for row in rows:
+            row["rule"] = point.config.rule.strategy
+            row["mode"] = ONE_SHOT if point.config.rule.num_rounds == 1 else MULTI_ROUND
     table = []
     for row in rows:
         scalars = {k: v for k, v in row.items() if not isinstance(v, (list, dict))}
         scalars["selected_lambda"] = scalars.pop("lambda", None)  # `lambda` is also a grid key
+        scalars["training_seed"] = scalars.pop("seed", None)  # and so is `seed`
         table.append({**point.values, "point": point.slug, **scalars})
     return table
+
+
+def point_summary_rows(point: SweepPoint) -> list[dict[str, object]]:
+    """One row per rule × mode of a finished point: its grid values, each per-run column as
+    the mean over the seeds (the value itself when the seeds agree, as with one seed; a flag:
+    any), then the summary columns (n_seeds, mean and ci95 over seeds, the paired Δ)."""
+    from fl_sim.experiments.compare import summary_rows
+
+    rows = point_rows(point)
+    groups: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault((str(row["rule"]), str(row["mode"])), []).append(row)
+    paired = [{**r, "seed": r["training_seed"]} for r in rows]  # pair the Δ by training seed
+    summaries = {(r["rule"], r["mode"]): r for r in summary_rows(paired)}
+    table = []
+    for key, members in groups.items():
+        merged = {
+            column: _mean_over_seeds([m.get(column) for m in members])
+            for column in members[0]
+            if column != "training_seed"
+        }
+        table.append({**merged, **summaries[key]})
+    return table
+
+
+def _mean_over_seeds(values: list[object]) -> object:
+    if all(v == values[0] for v in values):
+        return values[0]
+    if all(isinstance(v, bool) or v is None for v in values):
+        return any(values)
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers and all(v is None or v in numbers for v in values):
+        return sum(numbers) / len(numbers)
+    return None
 
 
 def write_sweep_csv(
     out: Path, spec: SweepSpec, points: Sequence[SweepPoint]
 ) -> list[dict[str, object]]:
-    """``DIR/sweep.csv`` (atomically) with a row per point × rule × mode; returns the rows."""
+    """``DIR/sweep.csv`` (atomically) with a row per point × rule × mode (means over seeds and
+    the ci95 columns) and ``DIR/sweep_seeds.csv`` with a row per point × rule × mode × seed;
+    returns sweep.csv's rows."""
     from fl_sim.outputs import write_csv
 
-    rows = [row for point in points for row in point_rows(point)]
-    columns: list[str] = [*spec.grid, "point"]
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    write_csv(out / CSV_NAME, rows, columns)
+    for name, rows_of in ((SEEDS_CSV_NAME, point_rows), (CSV_NAME, point_summary_rows)):
+        rows = [row for point in points for row in rows_of(point)]
+        columns: list[str] = [*spec.grid, "point"]
+        for row in rows:
+            columns += [key for key in row if key not in columns]
+        write_csv(out / name, rows, columns)
     return rows
 
 
