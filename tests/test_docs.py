@@ -1,8 +1,8 @@
 """The repository carries its own design (docs/design.md) and no reference that a clone lacks.
 
 1. No file of the repository cites the team's working notes, which live outside it (the four
-   upper-case ``*.md`` notes named in ``OUTSIDE_NOTES`` and ``../shared`` or ``shared/`` paths):
-   a user who clones the repository never has them. docs/design.md is the design.
+   upper-case ``*.md`` notes named in ``OUTSIDE_NOTES`` and paths into the notes' folder beside
+   the checkout): a user who clones the repository never has them. docs/design.md is the design.
 2. Every repository path that README.md, docs/design.md and benchmarks/README.md mention
    (``fl_sim/...py``, ``strategies/...py``, ``clients/...py``, ``tests/...py``,
    ``benchmarks/...py``, ``fl_sim/<package>``, ``docs/...``) exists, so a module that moves
