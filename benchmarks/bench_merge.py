@@ -355,9 +355,7 @@ def time_engine(
                 for checkpoint in (base, *models):
                     checkpoint.release(plan.name)
 
-        aggregation = AggregationOptions(
-            server_lr=options.server_lr, device=resolve_device(device), statistics=False
-        )
+        aggregation = AggregationOptions(server_lr=options.server_lr, device=resolve_device(device))
         getters = [m.get for m in models]
         for _ in aggregate_model(
             rule, plans, base.get, getters, aggregation, on_tensor_done=release

@@ -101,7 +101,6 @@ class AggregationOptions:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     out_dtype: torch.dtype | None = None  # None: each tensor keeps its dtype
     chunk_size: int | None = None  # None: CPU_CHUNK on the CPU, CUDA_CHUNK on a GPU
-    statistics: bool = False  # informational: aggregate_model's `statistics` argument decides
     client_names: Sequence[str] | None = None  # for error messages ("checkpoint ft2.safetensors")
     base_name: str = "the base θ₀"
 

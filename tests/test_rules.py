@@ -588,7 +588,7 @@ def merge_with_engine(rule, theta0, clients, plans, statistics=None, **options):
         plans,
         theta0.__getitem__,
         [x.__getitem__ for x in clients],
-        AggregationOptions(**options, statistics=statistics is not None),  # as run_merge
+        AggregationOptions(**options),
         statistics=statistics,
     )
     return {name: tensor.clone() for name, tensor in merged}

@@ -106,7 +106,6 @@ def _merge(
             inputs="models",
             device=device,
             out_dtype=out_dtype,
-            statistics=options.statistics,
             client_names=[f"checkpoint {m}" for m in options.models],
             base_name=f"checkpoint {options.base}",
         ),
