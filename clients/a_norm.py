@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fl_sim.errors import ConfigError
+from strategies.fednova import A_NORMS as A_NORM_KINDS  # the kinds FedNova reads
 
-A_NORM_KINDS = ("lr-sum", "steps")
 OPTIMIZERS = ("sgd", "sgd-momentum", "adamw")
 
 

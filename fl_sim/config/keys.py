@@ -20,8 +20,8 @@ except ModuleNotFoundError:  # Python 3.10: the backport Flower depends on
     import tomli as tomllib  # type: ignore[no-redef]
 
 from fl_sim.errors import ConfigError
+from fl_sim.suites.registry import ConfigValue
 
-ConfigValue = bool | int | float | str
 KINDS = ("bool", "int", "float", "str", "layers", "grid", "knob", "seeds")
 
 

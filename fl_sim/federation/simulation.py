@@ -106,10 +106,7 @@ def simulate(
     if ray_address:
         init_args["address"] = ray_address
     backend_config = {
-        "client_resources": {
-            "num_cpus": first.engine.client_num_cpus,
-            "num_gpus": first.engine.client_num_gpus,
-        },
+        "client_resources": first.engine.client_resources(),
         "init_args": init_args,
     }
     flower_logger = logging.getLogger("flwr")
