@@ -97,9 +97,11 @@ def train(msg: Message, context: Context) -> Message:
 
     Besides the figures of ``FineTuneResult.metrics`` the reply times the client: train-seconds
     (local fine-tuning; ≈ 0 when the update came from the cache) and client-seconds (the whole
-    handler: task suite, θʳ in, training, Δ_t out; not Flower's own transfer).
+    handler: task suite, θʳ in, training, Δ_t out; not Flower's own transfer), and stamps the
+    handler's start and end on the node's clock (client-start, client-end: epoch seconds) for
+    the run's time breakdown (fl_sim/federation/timing.py).
     """
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     one_thread()
     config = msg.content["config"]
     suite = suite_from_config(config)
@@ -142,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = tensors_to_record(update)
     metrics["train-seconds"] = train_seconds
     metrics["client-seconds"] = time.perf_counter() - start
+    metrics["client-start"], metrics["client-end"] = started_at, time.time()  # epoch seconds
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

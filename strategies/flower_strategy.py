@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import ClassVar
@@ -112,6 +112,8 @@ class RoundRecord:
     client_evaluation: dict[int, dict[str, float]] = field(default_factory=dict)
     train_seconds: list[float] = field(default_factory=list)  # each client's local training
     client_seconds: list[float] = field(default_factory=list)  # each client's whole handler
+    wait_seconds: float = 0.0  # train messages sent → every reply held (server's clock)
+    busy_seconds: float = 0.0  # of that wait: some client handler ran (fl_sim/federation/timing.py)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -152,6 +154,7 @@ class RuleStrategy(Strategy):
         self.failures: list[ClientFailure] = []
         self._theta: dict[str, torch.Tensor] = {}
         self._sent: dict[int, int] = {}
+        self._sent_at = time.time()
         self.previous_update: dict[str, torch.Tensor] | None = None  # v₀ of carries_center rules
 
     # -- what the rule's spec says ------------------------------------------------------------
@@ -287,6 +290,7 @@ class RuleStrategy(Strategy):
         """One message per node: θʳ and that client's own knobs."""
         self._theta = record_to_tensors(arrays)  # read-only views of θʳ, no copy
         self._sent = dict(self.node_tasks)
+        self._sent_at = time.time()
         messages = []
         for node_id, t in sorted(self.node_tasks.items(), key=lambda item: item[1]):
             record = ConfigRecord(dict(config))
@@ -302,6 +306,7 @@ class RuleStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """θʳ⁺¹ = θʳ + β·A over the clients that delivered; failures recorded."""
+        received_at = time.time()
         valid = self._valid_replies(server_round, replies, phase="train")
         self._require_enough(server_round, len(valid))
         valid.sort(key=lambda item: item[0])
@@ -360,6 +365,16 @@ class RuleStrategy(Strategy):
                 cached=[bool(m.get("cached", 0)) for m in metrics],
                 train_seconds=[float(m.get("train-seconds", 0.0)) for m in metrics],
                 client_seconds=[float(m.get("client-seconds", 0.0)) for m in metrics],
+                wait_seconds=received_at - self._sent_at,
+                busy_seconds=busy_seconds(
+                    [
+                        (float(m["client-start"]), float(m["client-end"]))
+                        for m in metrics
+                        if "client-start" in m and "client-end" in m
+                    ],
+                    self._sent_at,
+                    received_at,
+                ),
             )
         )
         record = self.rounds[-1]
@@ -530,6 +545,18 @@ class RuleStrategy(Strategy):
 
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def busy_seconds(intervals: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """|∪ [a_i, b_i] ∩ [start, end]|: how long at least one interval was open in the window
+    (a round's client training within its wait; fl_sim/federation/timing.py)."""
+    total, reach = 0.0, start
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
 
 
 def error_summary(reason: str) -> str:

@@ -57,7 +57,13 @@ def round_metrics(results: dict) -> list[dict]:
     rows = []
     for entry in results["rounds"]:
         training = dict(entry.get("training") or {})
-        for timing in ("aggregation_seconds", "train_seconds", "client_seconds"):
+        for timing in (
+            "aggregation_seconds",
+            "train_seconds",
+            "client_seconds",
+            "wait_seconds",
+            "busy_seconds",
+        ):
             training.pop(timing, None)
         rows.append({"round": entry["round"], "splits": entry["splits"], "training": training})
     return rows

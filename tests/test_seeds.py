@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import InProcessGrid, config
 
-from fl_sim.cli.run import seeds_summary
+from fl_sim.cli.run import seeds_summary, write_seeds_summary
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
 from fl_sim.experiments import sweep
@@ -299,6 +299,34 @@ def test_one_seed_leaves_the_ci_columns_empty(tmp_path):
     stored = json.loads((tmp_path / "experiment.json").read_text())
     assert stored["summary"][0]["test_mean_accuracy_ci95"] is None
     assert " ± " not in table(summary)  # one seed: today's table
+
+
+def test_a_single_experiment_over_seeds_writes_a_seeds_summary(tmp_path):
+    cfg = config(strategy="fedavg", seeds=3, results_dir=str(tmp_path))
+    results = [fake_run(tmp_path, "fedavg", "one-shot", s, FEDAVG[s]) for s in (0, 1, 2)]
+    json_path, csv_path = write_seeds_summary(cfg, results)
+    assert (json_path, csv_path) == (
+        tmp_path / "seeds_summary.json",
+        tmp_path / "seeds_summary.csv",
+    )
+    stored = json.loads(json_path.read_text())
+    assert stored["seeds"] == [0, 1, 2] and stored["strategy"] == "fedavg"
+    assert [r["test_mean_accuracy"] for r in stored["rows"]] == FEDAVG
+    assert stored["rows"][0]["test_accuracy"] == [0.55, 0.55]  # per task, in the JSON
+    mean = sum(FEDAVG) / 3
+    sd = math.sqrt(sum((a - mean) ** 2 for a in FEDAVG) / 2)
+    assert stored["summary"]["n_seeds"] == 3 and "Student-t" in stored["ci95"]
+    assert stored["summary"]["test_mean_accuracy_mean"] == pytest.approx(mean)
+    assert stored["summary"]["test_mean_accuracy_ci95"] == pytest.approx(T975_2 * sd / math.sqrt(3))
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["row"] for r in rows] == ["seed", "seed", "seed", "mean", "ci95"]
+    assert [r["seed"] for r in rows] == ["0", "1", "2", "", ""]
+    assert "test_accuracy" not in rows[0]  # lists stay in the JSON
+    assert float(rows[3]["test_mean_accuracy"]) == pytest.approx(mean)
+    assert float(rows[4]["test_mean_accuracy"]) == pytest.approx(T975_2 * sd / math.sqrt(3))
+    assert float(rows[3]["test_mean_normalized_accuracy"]) == pytest.approx(mean / 0.8)
+    assert rows[4]["n_seeds"] == "3"
+    assert not list(tmp_path.glob(".*.tmp-*"))  # written atomically: no temp file left
 
 
 # ---------------------------------------------------------------------------------------------

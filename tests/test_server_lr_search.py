@@ -117,6 +117,7 @@ def test_selection_reads_val_never_test():
         }
 
     recorder.evaluate = fake_evaluate
+    recorder.evaluate_many = lambda states: [fake_evaluate(state) for state in states]
     theta, update = {"beta": torch.zeros(())}, {"beta": torch.ones(())}
     candidates = [ServerLrCandidate(b) for b in (0.5, 1.0, 2.0, 4.0)]
     assert recorder.select_server_lr(theta, update, candidates) == candidates[1]
@@ -238,6 +239,7 @@ def fake_recorder(preferred: dict[str, float]) -> RunRecorder:
         }
 
     recorder.evaluate = fake_evaluate
+    recorder.evaluate_many = lambda states: [fake_evaluate(state) for state in states]
     return recorder
 
 

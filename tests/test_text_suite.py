@@ -67,8 +67,9 @@ def test_text_suite_builds_offline_with_the_requested_tasks(suite):
     assert meta["corpus"]["python"].count(".") == 1
     assert meta["model"] == "minilm"
     for task in suite.tasks:
-        x, y = task.split("train")
-        assert x.dtype == torch.int64 and x.shape[1] == 2 and x.shape[2] <= SMALL["max_tokens"]
+        x, y = task.split("train")  # cached: the frozen prefix's output + the mask channel
+        assert x.dtype == torch.float32 and x.shape[1] <= SMALL["max_tokens"]
+        assert x.shape[2] == 384 + 1 and set(x[..., -1].unique().tolist()) <= {0.0, 1.0}
         assert len(y) == SMALL["train_per_class"] * task.num_classes
     three = make_suite("text", num_tasks=3, **SMALL)
     assert [task.name for task in three.tasks] == list(TEXT_TASKS)[:3]

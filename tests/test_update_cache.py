@@ -28,12 +28,18 @@ def suite():
     return make_suite("toy", num_tasks=T, seed=0)
 
 
-TRAINING_VARIES = ("cached", "train_seconds", "client_seconds")
+TRAINING_VARIES = (
+    "cached",
+    "train_seconds",
+    "client_seconds",
+    "wait_seconds",
+    "busy_seconds",
+)
 
 
 def comparable(results: dict) -> dict:
     """results.json without what may differ between two identical runs (times, folders, cache)."""
-    drop = {"timings", "update_cache", "config", "files"}
+    drop = {"timings", "update_cache", "evaluation_cache", "config", "files"}
     kept = {k: v for k, v in results.items() if k not in drop}
     kept["rounds"] = [
         {k: v for k, v in entry.items() if k not in ("timings", "update_cache")}

@@ -17,7 +17,7 @@ not used: the federation's ``options.backend.client-resources`` decide.)
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fl_sim.config.run_config import RunConfig, help_text
@@ -130,13 +130,16 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         verbose=args.verbose,
     )
+    print(time_line(results))
     if config.experiment.kind == "single" and len(results) == 1:
         print(summary_table(results[0]))
         print(f"results: {Path(config.output.results_dir) / 'results.json'}")
         return 0
     if config.experiment.kind == "single":
         print(seeds_summary(config, results))
+        json_path, csv_path = write_seeds_summary(config, results)
         print(f"results: {Path(config.output.results_dir) / 'seed-<s>' / 'results.json'}")
+        print(f"seeds summary: {json_path}, {csv_path}")
         return 0
     summary = write_experiment(config, results)
     print(table(summary))
@@ -144,6 +147,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {root / 'experiment.json'}, {root / 'experiment.csv'}")
     print(f"plots: {root / 'plots'}/")
     return 0
+
+
+def time_line(results: Sequence[Mapping[str, object]]) -> str:
+    """Where the runs' wall time went, summed over ``results`` (fl_sim/federation/timing.py)."""
+    from fl_sim.federation.timing import add_breakdowns, format_breakdown
+
+    breakdowns = [run["timings"]["breakdown"] for run in results]  # type: ignore[index]
+    line = format_breakdown(add_breakdowns(breakdowns))
+    return line if len(results) == 1 else f"{line} ({len(results)} runs)"
 
 
 def seeds_summary(config: RunConfig, results: list[Mapping[str, object]]) -> str:
@@ -164,6 +176,52 @@ def seeds_summary(config: RunConfig, results: list[Mapping[str, object]]) -> str
     )
     lines.append(f"({CI_NOTE.split(';')[0]})")
     return "\n".join(lines)
+
+
+SEEDS_SUMMARY_JSON = "seeds_summary.json"
+SEEDS_SUMMARY_CSV = "seeds_summary.csv"
+
+
+def write_seeds_summary(
+    config: RunConfig, results: list[Mapping[str, object]]
+) -> tuple[Path, Path]:
+    """A single experiment over several training seeds, as files next to the seed-<s>/ folders:
+    ``seeds_summary.json`` (every seed's row as in experiment.json, per-task figures included,
+    then ``summary``: n_seeds, mean and ci95 over the seeds, and the CI note) and
+    ``seeds_summary.csv`` (one line per seed, ``row = seed``, then a ``mean`` and a ``ci95``
+    line with the same columns; per-task lists are left out). Both written atomically."""
+    from fl_sim.experiments.compare import CI_NOTE, summarize
+    from fl_sim.outputs import write_csv, write_json
+
+    root = Path(config.output.results_dir)
+    summary = summarize(config, results)
+    [row] = summary["summary"]
+    per_seed = summary["rows"]
+    document = {
+        "experiment": "single",
+        "strategy": config.rule.strategy,
+        "config": config.to_mapping(),
+        "tasks": summary["tasks"],
+        "seeds": summary["seeds"],
+        "theta0_test_accuracy": summary["theta0_test_accuracy"],
+        "rows": per_seed,
+        "summary": row,
+        "ci95": CI_NOTE,
+    }
+    json_path = root / SEEDS_SUMMARY_JSON
+    write_json(json_path, document)
+    scalar = [k for k in per_seed[0] if not isinstance(per_seed[0][k], (list, dict))]
+    lines: list[dict[str, object]] = [
+        {"row": "seed", **{k: r[k] for k in scalar}} for r in per_seed
+    ]
+    for kind in ("mean", "ci95"):
+        line: dict[str, object] = {"row": kind, "n_seeds": row["n_seeds"]}
+        for column in ("test_mean_accuracy", "test_mean_normalized_accuracy"):
+            line[column] = row[f"{column}_{kind}"]
+        lines.append(line)
+    csv_path = root / SEEDS_SUMMARY_CSV
+    write_csv(csv_path, lines, ["row", *scalar, "n_seeds"])
+    return json_path, csv_path
 
 
 def resource_overrides(client_cpus: float | None, client_gpus: float | None) -> list[str]:

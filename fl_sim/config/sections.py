@@ -304,6 +304,17 @@ class SuiteSection:
             kind="layers",
         ),
     )
+    frozen_prefix_cache: bool = field(
+        default=True,
+        metadata=key_metadata(
+            "frozen-prefix-cache",
+            "text and local suites with an integer federated-layers k: compute the frozen "
+            "layers' output under the top k once per process and train and evaluate from it "
+            "(the same results to float rounding, faster; memory: 4·tokens·(hidden+1) bytes "
+            "per example); false = the full forward pass at every step",
+            kind="bool",
+        ),
+    )
     mixing: float = field(
         default=0.0,
         metadata=key_metadata(
@@ -400,6 +411,7 @@ class SuiteSection:
             "model": self.model,
             "data-paths": self.data_paths,
             "federated-layers": self.federated_layers,
+            "frozen-prefix-cache": self.frozen_prefix_cache,
             "mixing": self.mixing,
             "shared-head": self.shared_head,
             "dirichlet-task": self.dirichlet_task,
@@ -527,6 +539,15 @@ class EngineSection:
             kind="float",
         ),
     )
+    eval_workers: int = field(
+        default=0,
+        metadata=key_metadata(
+            "eval-workers",
+            "threads the server evaluates on, each with its own model copy and one torch "
+            "thread (0 = one per core this process may use; 1 = serial, torch's own threads)",
+            kind="int",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_choice("server-device", self.server_device, SERVER_DEVICES)
@@ -546,6 +567,7 @@ class EngineSection:
                 f"client-num-gpus must be a finite number ≥ 0 (fractions share a GPU), got "
                 f"{self.client_num_gpus} (set client-num-gpus=0)"
             )
+        check_at_least("eval-workers", self.eval_workers, 0)
 
     def client_resources(self) -> dict[str, float]:
         """What Ray reserves per simulated client."""

@@ -24,7 +24,9 @@ from fl_sim.checkpoints.safetensors_io import save_tensors
 from fl_sim.config.run_config import EVAL_SPLITS as SPLITS
 from fl_sim.config.run_config import RunConfig
 from fl_sim.federation.diagnostics import measure as measure_diversity
-from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
+from fl_sim.federation.evaluation import Evaluator, Job
+from fl_sim.federation.timing import time_breakdown
+from fl_sim.suites.base import TaskSuite
 from strategies.flower_strategy import RoundRecord, RuleStrategy
 from strategies.rule import client_weights
 from strategies.server_step import ServerLrCandidate, search_server_lr, server_step
@@ -39,7 +41,9 @@ class RunRecorder:
         self.config = config
         self.suite = suite
         self.theta0 = dict(theta0)
-        self.model = suite.build_model()
+        self.evaluator = Evaluator(
+            suite, tuple(sorted(config.suite_config().items())), config.engine.eval_workers
+        )
         self.out = Path(config.output.results_dir)
         self.evaluations: dict[int, dict[str, list[dict[str, float]]]] = {}  # round → split → t
         # eval task → the mean over its clients of θ₀ + Δ_t's figures; and per client
@@ -52,6 +56,9 @@ class RunRecorder:
         self.selected: ServerLrCandidate | None = None
         self.selected_on_bound: bool | None = None  # the selected β is an end of those tried
         self.search_seconds = 0.0
+        self.client_evaluation_seconds = 0.0  # round 1: θ₀ + Δ_t on each client's own task
+        self.diagnostics_seconds = 0.0
+        self.discovery_seconds = 0.0  # waiting for the nodes and their partition ids
         self.diagnostics: dict[str, object] = {}
         self.theory: dict[int, dict[str, object]] = {}  # round → the suite's theory_metrics
         self._last = time.perf_counter()
@@ -71,6 +78,8 @@ class RunRecorder:
             "selected": None if self.selected is None else asdict(self.selected),
             "selected_on_bound": self.selected_on_bound,
             "search_seconds": self.search_seconds,
+            "client_evaluation_seconds": self.client_evaluation_seconds,
+            "diagnostics_seconds": self.diagnostics_seconds,
             "diagnostics": self.diagnostics,
             "theory": self.theory,
         }
@@ -95,20 +104,32 @@ class RunRecorder:
         self.selected = None if selected is None else ServerLrCandidate(**selected)  # type: ignore[arg-type]
         self.selected_on_bound = state.get("selected_on_bound")  # type: ignore[assignment]
         self.search_seconds = float(state["search_seconds"])  # type: ignore[arg-type]
+        self.client_evaluation_seconds = float(state.get("client_evaluation_seconds", 0.0))  # type: ignore[arg-type]
+        self.diagnostics_seconds = float(state.get("diagnostics_seconds", 0.0))  # type: ignore[arg-type]
         self.diagnostics = dict(state["diagnostics"])  # type: ignore[call-overload]
         self.theory = by_int(state.get("theory", {}))  # type: ignore[assignment]
         self._last = time.perf_counter()
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
         """Every evaluation task's loss and accuracy at ``state``, on each of SPLITS."""
-        load_federated_state(self.model, state)
-        return {
-            split: [
-                dict(zip(("loss", "accuracy"), evaluate(self.model, task, split), strict=True))
-                for task in self.suite.eval_tasks
-            ]
-            for split in SPLITS
-        }
+        return self.evaluate_many([state])[0]
+
+    def evaluate_many(
+        self, states: Sequence[Mapping[str, torch.Tensor]]
+    ) -> list[dict[str, list[dict[str, float]]]]:
+        """``evaluate`` of every state, as one request: what no earlier request evaluated is
+        computed in one parallel pass (fl_sim/federation/evaluation.py)."""
+        tasks = range(len(self.suite.eval_tasks))
+        jobs = [Job(i, t, SPLITS) for i in range(len(states)) for t in tasks]
+        answers = iter(self.evaluator.evaluate(states, jobs))
+        by_state = [[next(answers) for _ in tasks] for _ in states]
+        return [
+            {
+                split: [dict(zip(("loss", "accuracy"), row[split], strict=True)) for row in rows]
+                for split in SPLITS
+            }
+            for rows in by_state
+        ]
 
     def evaluate_round(
         self, server_round: int, arrays: object, records: Sequence[RoundRecord] = ()
@@ -159,6 +180,7 @@ class RunRecorder:
             return
         folder = self.out / "clients"
         folder.mkdir(parents=True, exist_ok=True)
+        clients, states = [], []
         for t, update in sorted(updates.items()):
             theta_t = {
                 name: (self.theta0[name] + delta) if delta.is_floating_point() else delta.clone()
@@ -166,11 +188,15 @@ class RunRecorder:
             }
             save_tensors(folder / f"client_{t}.safetensors", theta_t)
             self.client_files.append(f"clients/client_{t}.safetensors")
-            load_federated_state(self.model, theta_t)
-            task = self.suite.eval_tasks[self.suite.eval_task_of(t)]
+            clients.append(t)
+            states.append(theta_t)
+        start = time.perf_counter()
+        jobs = [Job(i, self.suite.eval_task_of(t), SPLITS) for i, t in enumerate(clients)]
+        for t, figures in zip(clients, self.evaluator.evaluate(states, jobs), strict=True):
             for split in SPLITS:
-                loss, accuracy = evaluate(self.model, task, split)
+                loss, accuracy = figures[split]
                 self.client_finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
+        self.client_evaluation_seconds += time.perf_counter() - start
         for split in SPLITS:
             by_task: dict[int, list[dict[str, float]]] = {}
             for t, figures in sorted(self.client_finetuned[split].items()):
@@ -192,6 +218,10 @@ class RunRecorder:
         search_server_lr, settings from the rule section). Test is recorded, never used."""
         start = time.perf_counter()
         rows: list[dict[str, object]] = []
+        workers = self.evaluator.workers
+        for first in range(0, len(candidates), workers):  # the grid: `workers` θ at a time
+            group = candidates[first : first + workers]
+            self.evaluate_many([server_step(theta, update, c.beta) for c in group])
 
         def score(candidate: ServerLrCandidate) -> float:
             evaluations = self.evaluate(server_step(theta, update, candidate.beta))
@@ -257,9 +287,11 @@ class RunRecorder:
     def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
         """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
         if self.config.output.diagnostic_batch > 0:
+            start = time.perf_counter()
             self.diagnostics[label] = gradient_diversity_at(
                 self.suite, self.config, state, self.client_weights()
             )
+            self.diagnostics_seconds += time.perf_counter() - start
 
     def client_weights(self) -> list[float]:
         """p_t of every task (uniform, or ∝ n_t with weighting = examples)."""
@@ -363,7 +395,20 @@ class RunRecorder:
                 "cached": cached,
             },
             "failures": [asdict(f) for f in strategy.failures],
-            "timings": {"total_seconds": total_seconds, "search_seconds": self.search_seconds},
+            "timings": {
+                "total_seconds": total_seconds,
+                "search_seconds": self.search_seconds,
+                "breakdown": time_breakdown(
+                    total_seconds,
+                    strategy.rounds,
+                    evaluation=sum(self.evaluation_seconds.values())
+                    + self.client_evaluation_seconds
+                    + self.search_seconds,
+                    diagnostics=self.diagnostics_seconds,
+                    discovery=self.discovery_seconds,
+                ),
+            },
+            "evaluation_cache": dict(self.evaluator.stats),
             "files": {
                 "global_model": "global_model.safetensors" if status == "completed" else None,
                 "base": "base.safetensors",

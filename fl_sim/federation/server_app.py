@@ -158,8 +158,10 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "base.safetensors", theta0)
 
+    discovery = time.perf_counter()
     node_tasks = discover_tasks(grid, suite.num_tasks)
     recorder = RunRecorder(config, suite, theta0)
+    recorder.discovery_seconds = time.perf_counter() - discovery
     recorder.write_problem()  # the quadratic suite's c, h, θ₀, p; other suites write nothing
     strategy = strategy_for(
         config,

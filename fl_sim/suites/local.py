@@ -10,6 +10,8 @@ text model (minilm, hf:PATH); image tasks need ``clip:PATH`` (zero-shot heads fr
 names, which are the label values, so write labels as words: "cat", not 3) or ``hf:PATH`` of a
 vision model (ridge-probe heads, fitted on ``head_fraction`` = 30% of each task's training rows,
 which are then not trained on; CLIP's zero-shot heads need no data, so its default is 0).
+Text models with an integer ``federated_layers`` keep each split as the frozen lower layers'
+output, computed once (``frozen_prefix_cache``; fl_sim/suites/pretrained.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class LocalSuite(PretrainedSuite):
         label_column: str = "label",
         max_tokens: int = 128,
         federated_layers: int | str | None = None,
+        frozen_prefix_cache: bool = True,
         head_fraction: float | None = None,
     ) -> None:
         spec = parse_model_spec(model)
@@ -71,4 +74,10 @@ class LocalSuite(PretrainedSuite):
                 f"local suite: the tasks are {modality} but model {spec} takes "
                 f"{pretrained.modality} (use {fix})"
             )
-        super().__init__(pretrained, raw, federated_layers=federated_layers, seed=seed)
+        super().__init__(
+            pretrained,
+            raw,
+            federated_layers=federated_layers,
+            seed=seed,
+            frozen_prefix_cache=frozen_prefix_cache,
+        )

@@ -12,12 +12,25 @@ copied for every ``build_model``; the heads are built once from θ₀ and frozen
 
 θ₀ is the checkpoint, so ``build_model``'s seed changes nothing here. See
 ``fl_sim/suites/encoders.py`` for model specs and what ``federated_layers`` federates.
+
+**Frozen-prefix cache** (``frozen_prefix_cache``, default on): when the federated part of a text
+encoder sits on frozen layers (an integer ``federated_layers`` = k < all), each split's inputs
+are stored as the frozen prefix's output (``encoders.TextEncoder.prefix``), computed once per
+suite with θ₀, instead of as token ids; training batches and evaluation index into them as
+before, and the models of ``build_model`` run only the top k blocks on them. Nothing of the
+model changes (its state, the federated state, the heads: fitted on the head pool's token ids
+by the template, as without the cache); only the inputs do. It is checked on a few examples
+first (``encoders.check_prefix``), and whatever cannot be split (``"all"``, image encoders,
+models without a layer stack and ``embeddings``) keeps the full forward pass.
+``prefix_bytes`` is the memory the cached inputs take.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +42,7 @@ from fl_sim.suites.base import SPLITS, TaskData, TaskSuite
 from fl_sim.suites.encoders import (
     PretrainedModel,
     PretrainedTaskModel,
+    check_prefix,
     federated_module_names,
     probe_head,
     zero_shot_head,
@@ -46,6 +60,21 @@ class RawTask:
     classes: tuple[str, ...]
     inputs: dict[str, list]
     labels: dict[str, list[int]]
+
+
+PREFIX_MEMO_SUITES = 2  # suites whose cached prefixes a process keeps (the latest ones)
+# (model spec, first federated block, digest of the token ids) → every split's cached prefix:
+# a server that runs several rules builds the same suite once per rule, and computes it once
+_PREFIXES: OrderedDict[tuple[str, int, str], list[torch.Tensor]] = OrderedDict()
+
+
+def _digest(tensors: Sequence[torch.Tensor]) -> str:
+    """SHA-256 over the tensors' shapes and bytes: which input sets a cached prefix is of."""
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        hasher.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        hasher.update(tensor.contiguous().numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def default_federated_layers(model: PretrainedModel) -> int | str:
@@ -70,6 +99,7 @@ class PretrainedSuite(TaskSuite):
         *,
         federated_layers: int | str | None = None,
         seed: int = 0,
+        frozen_prefix_cache: bool = True,
     ) -> None:
         if not raw_tasks:
             raise ConfigError(f"suite {self.name!r} has no tasks")
@@ -101,6 +131,42 @@ class PretrainedSuite(TaskSuite):
                 self._head_data.append((splits["train_x"], splits["train_y"]))
                 self.head_sizes.append(0)
         self._heads: list[nn.Linear] | None = None
+        self.cached_from = self._cache_frozen_prefix(bool(frozen_prefix_cache))
+
+    def _cache_frozen_prefix(self, enabled: bool) -> int | None:
+        """Replace every split's inputs by the frozen prefix's output (module docstring).
+
+        Returns the first federated block L − k the cached inputs enter, or None (not cached:
+        switched off, nothing to split, or the check failed). One pass of blocks 0..L−k−1 over
+        every split, once per process for the same model, split point and token ids
+        (``_PREFIXES``: the latest ``PREFIX_MEMO_SUITES`` suites; the ClientApp also memoizes
+        its suite). Suites share the cached tensors, which nothing writes to.
+        """
+        first = self.pretrained.encoder.prefix_start(self.federated_layers) if enabled else None
+        if first is None:
+            return None
+        inputs = [task.split(split)[0] for task in self.tasks for split in SPLITS]
+        key = (str(self.pretrained.spec), first, _digest(inputs))
+        if key not in _PREFIXES:
+            encoder = self.pretrained.fresh_encoder().eval()  # its own copy: hooks touch no other
+            if not check_prefix(encoder, self.tasks[0].train_x, first):
+                return None
+            _PREFIXES[key] = [encoder.prefix(x, first) for x in inputs]
+            while len(_PREFIXES) > PREFIX_MEMO_SUITES:
+                _PREFIXES.popitem(last=False)
+        _PREFIXES.move_to_end(key)
+        cached = iter(_PREFIXES[key])
+        for task in self.tasks:
+            for split in SPLITS:
+                setattr(task, f"{split}_x", next(cached))
+        return first
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes the cached prefix outputs of every split take (0 without the cache)."""
+        if self.cached_from is None:
+            return 0
+        return sum(task.split(split)[0].nbytes for task in self.tasks for split in SPLITS)
 
     @property
     def uses_zero_shot_heads(self) -> bool:
@@ -132,7 +198,7 @@ class PretrainedSuite(TaskSuite):
     def build_model(self, seed: int | None = None) -> PretrainedTaskModel:
         heads = [copy.deepcopy(head) for head in self.heads()]
         return PretrainedTaskModel(
-            self.pretrained.fresh_encoder(),
+            self.pretrained.fresh_encoder(self.cached_from),
             self.federated_names,
             heads,
             [task.name for task in self.tasks],
@@ -152,6 +218,8 @@ class PretrainedSuite(TaskSuite):
             "federated-parameters": federated,
             "encoder-parameters": sum(p.numel() for p in model.encoder.parameters()),
             "heads": "zero-shot" if self.uses_zero_shot_heads else "ridge-probe",
+            "frozen-prefix-cached-from": self.cached_from,
+            "frozen-prefix-bytes": self.prefix_bytes,
             "tasks": {
                 task.name: {
                     "classes": list(names),

@@ -16,6 +16,9 @@ and model:
                       local); clip:PATH (local images)
     data-paths        local only: comma list of files/folders, one task each
     federated-layers  text/local: '' = the suite's default, an integer k (the top k layers) or all
+    frozen-prefix-cache
+                      text/local: true = compute the frozen layers' output under the federated
+                      top k once per suite and train/evaluate from it (fl_sim/suites/pretrained.py)
     mixing            m ∈ [0, 1]: the share of every other task's training data each client also
                       trains on (fl_sim/suites/base.py)
     shared-head       classic single-task FL (fl_sim/suites/shared_head.py)
@@ -101,6 +104,7 @@ SUITE_DEFAULTS: dict[str, ConfigValue] = {
     "model": "",
     "data-paths": "",
     "federated-layers": "",
+    "frozen-prefix-cache": True,
     "mixing": 0.0,
     "shared-head": False,
     "dirichlet-task": 0,
@@ -182,6 +186,10 @@ def check_suite_config(config: Mapping[str, object]) -> None:
             f"federated-layers is for the text and local suites; {suite} federates its whole "
             "backbone (drop federated-layers)"
         )
+    if not isinstance(c["frozen-prefix-cache"], bool):
+        raise ConfigError(
+            f"frozen-prefix-cache must be true or false, got {c['frozen-prefix-cache']!r}"
+        )
     check_mixing(c["mixing"])
     _check_quadratic_keys(c, suite, shared)
     alpha, task = float(c["dirichlet-alpha"]), int(c["dirichlet-task"])  # type: ignore[arg-type]
@@ -246,6 +254,8 @@ def build_suite(config: Mapping[str, object]) -> TaskSuite:
     layers = parse_federated_layers(str(c["federated-layers"]))
     if layers is not None:
         kwargs["federated_layers"] = layers
+    if name in ("text", "local") and not c["frozen-prefix-cache"]:  # on: the suites' default
+        kwargs["frozen_prefix_cache"] = False
     if name == "quadratic":
         dim, spread, curvature, noise = (c[key] for key in QUADRATIC_KEYS)
         kwargs.update(dim=dim, spread=spread, curvature_spread=curvature, noise=noise)

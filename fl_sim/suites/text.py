@@ -12,6 +12,9 @@ merged (default 2 of MiniLM's 6, 3.5M of its 22.7M parameters: one AdamW step on
 are ridge probes on θ₀'s pooled features of a held-out head pool that no client trains on,
 frozen. Defaults: 40 training texts per class (about 840 over the five tasks), 20 per class
 for val and test; fitting the heads reads the head pool once through MiniLM (15-20 s).
+With an integer ``federated_layers`` the frozen lower layers run once per suite: every split
+is kept as their output, and training and evaluation run only the top layers on it
+(``frozen_prefix_cache``, default on; fl_sim/suites/pretrained.py).
 
     make_suite("text")                                    # 5 tasks, MiniLM, top 2 layers
     make_suite("text", num_tasks=3, federated_layers="all")
@@ -45,6 +48,7 @@ class TextSuite(PretrainedSuite):
         max_chars: int = MAX_CHARS,
         max_tokens: int = 64,
         federated_layers: int | str | None = None,
+        frozen_prefix_cache: bool = True,
     ) -> None:
         names = list(TEXT_TASKS) if tasks is None else list(tasks)
         if num_tasks is not None:
@@ -70,7 +74,13 @@ class TextSuite(PretrainedSuite):
             for task in text_tasks(names, int(seed), train_per_class, eval_per_class, max_chars)
         ]
         self.max_chars, self.max_tokens = max_chars, max_tokens
-        super().__init__(pretrained, raw, federated_layers=federated_layers, seed=seed)
+        super().__init__(
+            pretrained,
+            raw,
+            federated_layers=federated_layers,
+            seed=seed,
+            frozen_prefix_cache=frozen_prefix_cache,
+        )
 
     def metadata(self) -> dict[str, object]:
         return {
