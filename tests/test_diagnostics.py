@@ -111,3 +111,18 @@ def test_results_hold_diversity_at_theta0_and_at_the_merged_model(tmp_path):
         InProcessGrid(T), config(diagnostic_batch=0, results_dir=str(tmp_path / "b"))
     )
     assert off["diagnostics"] is None
+
+
+@pytest.mark.parametrize("mixing", [0.0, 0.5])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_gradients_give_the_serial_figures_bit_for_bit(workers, mixing):
+    """``workers`` threads (one torch thread each) fold the same g_t in the same order."""
+    suite = make_suite("toy", num_tasks=5, seed=1, mixing=mixing)
+    state = {k: v + 0.05 for k, v in suite.initial_state().items()}
+    weights = [0.1, 0.2, 0.3, 0.15, 0.25]
+    threads = torch.get_num_threads()
+    serial = measure(suite, state, weights, 64)
+    parallel = measure(suite, state, weights, 64, workers=workers)
+    assert torch.get_num_threads() == threads
+    assert parallel == serial
+    assert serial["zeta_square"] > 0

@@ -17,11 +17,19 @@ mixing = 1 gives every client the same batch and ζ² = 0). The g_t are computed
 and folded into Σ_t p_t ‖g_t‖² and ḡ in float64, so memory stays one model's worth whatever T
 (holding all T gradients for a Gram matrix G_ij = ⟨g_i, g_j⟩, as this module first did, took the
 server from 0.5 to 4.7 GiB for 16 MiniLM-sized tasks; one pass peaks at 1.0 GiB, measured).
+With ``workers`` > 1 the g_t are computed ``workers`` at a time on as many threads, each with its
+own model and torch at one intra-op thread (as the server's evaluation:
+fl_sim/federation/evaluation.py), and still folded in task order: memory is ``workers`` models and
+gradients. The figures are the serial pass's to float rounding: bit-identical on the toy suite
+(tests/test_diagnostics.py); on the digits suite ζ² at θ₀ moved in its 11th significant digit
+(516.34413188793 → 516.34413188343), the backward pass's rounding at one intra-op thread
+instead of torch's two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -36,26 +44,52 @@ from fl_sim.suites.base import (
 
 
 def task_gradients(
-    suite: TaskSuite, state: Mapping[str, torch.Tensor], batch_size: int
+    suite: TaskSuite, state: Mapping[str, torch.Tensor], batch_size: int, workers: int = 1
 ) -> Iterator[list[torch.Tensor]]:
-    """g_t for t = 0..T−1, one at a time: ∇ L_t on its first ``batch_size`` training examples,
-    at ``state`` (one model, built once; a consumer that drops g_t before the next holds one)."""
-    model = suite.build_model()
-    load_federated_state(model, state)
-    model.eval()
+    """g_t for t = 0..T−1, in order: ∇ L_t on its first ``batch_size`` training examples, at
+    ``state``; ``workers`` of them at a time (module docstring; one: a single model, and a
+    consumer that drops g_t before the next holds one)."""
+    models = []
+    for _ in range(max(1, min(workers, suite.num_tasks))):
+        model = suite.build_model()
+        load_federated_state(model, state)
+        model.eval()
+        models.append(model)
+    if len(models) == 1:
+        for t in range(suite.num_tasks):
+            yield task_gradient(suite, models[0], t, batch_size)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(models), thread_name_prefix="fl-sim-zeta") as pool:
+            for first in range(0, suite.num_tasks, len(models)):
+                tasks = range(first, min(first + len(models), suite.num_tasks))
+                futures = [
+                    pool.submit(task_gradient, suite, models[i], t, batch_size)
+                    for i, t in enumerate(tasks)
+                ]
+                for future in futures:
+                    yield future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def task_gradient(
+    suite: TaskSuite, model: torch.nn.Module, t: int, batch_size: int
+) -> list[torch.Tensor]:
+    """g_t = ∇ L_t at ``model``'s state, on client t's first ``batch_size`` training examples."""
     params = federated_parameters(model)
-    for t in range(suite.num_tasks):
-        groups = suite.training_groups(t)
-        if len(groups) == 1:
-            x, y = groups[0].x[:batch_size], groups[0].y[:batch_size]
-            loss = task_loss(model, groups[0].task_index, x, y)
-        else:
-            loss = batch_loss(model, groups, *diagnostic_batch(groups, batch_size))
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        yield [
-            torch.zeros_like(p) if g is None else g.detach()
-            for p, g in zip(params, grads, strict=True)
-        ]
+    groups = suite.training_groups(t)
+    if len(groups) == 1:
+        x, y = groups[0].x[:batch_size], groups[0].y[:batch_size]
+        loss = task_loss(model, groups[0].task_index, x, y)
+    else:
+        loss = batch_loss(model, groups, *diagnostic_batch(groups, batch_size))
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [
+        torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
+    ]
 
 
 def diagnostic_batch(
@@ -117,10 +151,11 @@ def measure(
     state: Mapping[str, torch.Tensor],
     weights: Sequence[float],
     batch_size: int,
+    workers: int = 1,
 ) -> dict[str, object]:
     """``gradient_diversity`` of ``suite``'s tasks at ``state`` (module docstring)."""
     return {
-        **gradient_diversity(task_gradients(suite, state, batch_size), weights),
+        **gradient_diversity(task_gradients(suite, state, batch_size, workers), weights),
         "batch_size": [min(batch_size, suite.num_examples(t)) for t in range(suite.num_tasks)],
     }
 

@@ -289,7 +289,7 @@ class RunRecorder:
         if self.config.output.diagnostic_batch > 0:
             start = time.perf_counter()
             self.diagnostics[label] = gradient_diversity_at(
-                self.suite, self.config, state, self.client_weights()
+                self.suite, self.config, state, self.client_weights(), self.evaluator.workers
             )
             self.diagnostics_seconds += time.perf_counter() - start
 
@@ -442,7 +442,11 @@ _DIVERSITY: dict[tuple[object, ...], dict[str, object]] = {}  # θ₀'s: shared 
 
 
 def gradient_diversity_at(
-    suite: TaskSuite, config: RunConfig, state: Mapping[str, torch.Tensor], weights: list[float]
+    suite: TaskSuite,
+    config: RunConfig,
+    state: Mapping[str, torch.Tensor],
+    weights: list[float],
+    workers: int = 1,
 ) -> dict[str, object]:
     """``fl_sim.federation.diagnostics.measure`` at ``state``, memoised per suite, batch, state and
     weights.
@@ -454,5 +458,7 @@ def gradient_diversity_at(
         tuple(weights),
     )
     if key not in _DIVERSITY:
-        _DIVERSITY[key] = measure_diversity(suite, state, weights, config.output.diagnostic_batch)
+        _DIVERSITY[key] = measure_diversity(
+            suite, state, weights, config.output.diagnostic_batch, workers
+        )
     return dict(_DIVERSITY[key])
