@@ -30,6 +30,11 @@ A failed client (an error reply, a reply without Δ_t, an update whose tensors d
 a non-finite update, checked before aggregation: "non-finite update", or no reply before
 ``round-timeout``) is logged and recorded (round, node, task, reason); the round goes on if at
 least ``min-clients`` replied (0: all), otherwise ``FederationError``. Nothing is dropped silently.
+A lost node (no heartbeat) is answered for by the SuperLink (an error reply from node 1, "Node
+Unavailable"): it is recorded against the node the message was sent to. A SuperNode restarted
+after a loss registers under a new node id: before each round, a node not seen before is asked
+its partition id, and takes over task t when t's node has left the federation or failed the
+previous round (logged; until then it is kept as a spare, with a warning).
 """
 
 from __future__ import annotations
@@ -154,6 +159,10 @@ class RuleStrategy(Strategy):
         self.failures: list[ClientFailure] = []
         self._theta: dict[str, torch.Tensor] = {}
         self._sent: dict[int, int] = {}
+        self._messages: list[Message] = []  # this round's sent messages (ids set by the grid)
+        self._seen = set(self.node_tasks)  # node ids asked for their partition id
+        self._spares: dict[int, int] = {}  # node id → task t, of nodes that did not take t over
+        self._query_timeout = 3600.0  # the round timeout, set by ``start``
         self._sent_at = time.time()
         self.previous_update: dict[str, torch.Tensor] | None = None  # v₀ of carries_center rules
 
@@ -227,6 +236,7 @@ class RuleStrategy(Strategy):
     ) -> Result:
         """Flower's ``Strategy.start`` loop, able to resume: rounds ``first_round``..R from
         ``initial_arrays`` = θ^(first_round − 1) (round 0 is evaluated only from θ₀)."""
+        self._query_timeout = timeout
         if first_round == 1:
             return super().start(
                 grid,
@@ -288,6 +298,7 @@ class RuleStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node: θʳ and that client's own knobs."""
+        self._rejoin(server_round, grid)
         self._theta = record_to_tensors(arrays)  # read-only views of θʳ, no copy
         self._sent = dict(self.node_tasks)
         self._sent_at = time.time()
@@ -300,6 +311,7 @@ class RuleStrategy(Strategy):
             messages.append(
                 Message(content, node_id, MessageType.TRAIN, group_id=str(server_round))
             )
+        self._messages = messages
         return messages
 
     def aggregate_train(
@@ -425,7 +437,7 @@ class RuleStrategy(Strategy):
     ) -> Iterable[Message]:
         """Client-side evaluation of θʳ on each client's task (off unless asked for)."""
         if not self.evaluate_on_clients:
-            self._sent = {}
+            self._sent, self._messages = {}, []
             return []
         self._sent = dict(self.node_tasks)
         messages = []
@@ -437,6 +449,7 @@ class RuleStrategy(Strategy):
             messages.append(
                 Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
             )
+        self._messages = messages
         return messages
 
     def aggregate_evaluate(
@@ -473,8 +486,12 @@ class RuleStrategy(Strategy):
         need = ("arrays", "metrics") if phase == "train" else ("metrics",)
         valid: list[tuple[int, Message]] = []
         answered: set[int] = set()
+        # the SuperLink answers for a lost node from its own node id: map back by message id
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
         for msg in replies:
             node_id = msg.metadata.src_node_id
+            if node_id not in self._sent:
+                node_id = sent_to.get(msg.metadata.reply_to_message_id, node_id)
             answered.add(node_id)
             t = self._sent.get(node_id)
             reason = None
@@ -496,6 +513,43 @@ class RuleStrategy(Strategy):
             if node_id not in answered:
                 self._fail(server_round, phase, node_id, t, "no reply before the round's timeout")
         return valid
+
+    def _rejoin(self, server_round: int, grid: Grid) -> None:
+        """Nodes not seen before report their partition id; a node of task t takes t over when
+        t's node left the federation or failed the previous round (a SuperNode restarted after
+        a loss gets a new node id); until then it is kept as a spare. Without a grid (the
+        strategy driven by hand, as in tests) there is no one to ask."""
+        if grid is None:
+            return
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - self._seen)
+        self._seen |= set(new)
+        queries = [Message(RecordDict(), node_id, MessageType.QUERY) for node_id in new]
+        for reply in grid.send_and_receive(queries, timeout=self._query_timeout) if new else []:
+            node_id = reply.metadata.src_node_id
+            if reply.has_error() or not reply.has_content() or "metrics" not in reply.content:
+                log(WARNING, "round %d: new node %d sent no partition id", server_round, node_id)
+            else:
+                self._spares[node_id] = int(reply.content["metrics"]["partition-id"])
+        task_nodes = {t: node_id for node_id, t in self.node_tasks.items()}
+        failed = {f.node_id for f in self.failures if f.round == server_round - 1}
+        for node_id, t in sorted(self._spares.items()):
+            old = task_nodes.get(t)
+            if node_id in connected and old is not None and (old not in connected or old in failed):
+                del self._spares[node_id], self.node_tasks[old]
+                self.node_tasks[node_id] = task_nodes[t] = t
+                log(
+                    INFO,
+                    "round %d: node %d rejoins as client %d (was node %d)",
+                    server_round,
+                    node_id,
+                    t,
+                    old,
+                )
+            elif node_id in new:
+                log(
+                    WARNING, "round %d: node %d (task %d) kept as a spare", server_round, node_id, t
+                )
 
     def _check_update(self, arrays: ArrayRecord) -> str | None:
         names = set(arrays.keys())

@@ -8,10 +8,18 @@ may run Ray on this machine), its processes carry a marker in their environment,
 fixture stops them and their children by PID, never with `ray stop` (which stops every Ray of
 this user). The run is a short toy federation; it must complete and leave the same weights as
 the same run on a private Ray (the default), since the engine must not change the result.
+
+A two-node cluster on loopback: a head (``--resources '{"node_a": 1}'``, 1 CPU) and a worker
+joined with ``ray start --address`` (``'{"node_b": 1}'``, 1 CPU, its own temp dir and ports);
+with one CPU per client, Flower's actor pool holds one ClientAppActor per node, so the T = 2
+clients train on both. The placement is read from the cluster's GCS (``ray.nodes()`` and the
+actor table, in a separate process joined to the cluster: the dashboard and its state API are
+off), and the weights must equal a private-Ray run. Both nodes are stopped by PID.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,49 +45,101 @@ RAY_START_TIMEOUT = 120  # seconds; ~10 s on 2 cores
 RUN_CONFIG = SHORT_RUN  # T = 2 toy clients, one-shot fedavg
 
 
-@pytest.fixture
-def ray_head() -> Iterator[tuple[str, Path]]:
-    """A one-node Ray cluster on loopback: (address, temp dir); stops its processes after."""
+def ray_start(
+    env: dict[str, str], temp_dir: str, num_cpus: int, head: str | None, **extra: str
+) -> None:
+    """`ray start` of one node on loopback, every port a free one: the head (``head`` None, on
+    a free GCS port given as ``port``) or a worker joining ``head``."""
+    command = [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1"]
+    command += ["--head", "--include-dashboard", "false"] if head is None else ["--address", head]
+    command += ["--num-cpus", str(num_cpus), "--num-gpus", "0", "--disable-usage-stats"]
+    command += ["--temp-dir", temp_dir]
+    for flag, value in extra.items():
+        command += [f"--{flag.replace('_', '-')}", value]
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port"]
+    flags += ["--runtime-env-agent-port", "--metrics-export-port"]
+    flags += ["--object-manager-port", "--node-manager-port"]
+    if head is None:
+        flags.append("--ray-client-server-port")
+    for flag in flags:
+        command += [flag, str(free_port())]
+    started = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=RAY_START_TIMEOUT, check=False
+    )
+    assert started.returncode == 0, f"ray start failed:\n{started.stderr[-3000:]}"
+
+
+@contextmanager
+def ray_cluster(nodes: list[tuple[int, str]]) -> Iterator[tuple[str, list[Path]]]:
+    """A Ray cluster on loopback, one node per (num_cpus, resources JSON or ""), the first the
+    head, each with its own temp dir: (address, temp dirs); stops every process after, by PID."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the process clean-up reads /proc")
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip(f"no ray CLI next to {sys.executable} (install flwr[simulation])")
-    # short: Ray's unix sockets live under it (107-byte path limit)
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    entry = f"FL_SIM_TEST_RAY={temp_dir}"
-    port = free_port()
-    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1"]
-    command += ["--port", str(port), "--num-cpus", "2", "--num-gpus", "0"]
-    command += ["--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir]
-    for flag in (
-        "--ray-client-server-port",
-        "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port",
-        "--runtime-env-agent-port",
-        "--metrics-export-port",
-        "--object-manager-port",
-        "--node-manager-port",
-    ):
-        command += [flag, str(free_port())]
-    env = {**os.environ, "FL_SIM_TEST_RAY": temp_dir, "RAY_USAGE_STATS_ENABLED": "0"}
+    # short: Ray's unix sockets live under them (107-byte path limit)
+    temp_dirs = [tempfile.mkdtemp(prefix="ray-", dir="/tmp") for _ in nodes]
+    entry = f"FL_SIM_TEST_RAY={temp_dirs[0]}"
+    env = {**os.environ, "FL_SIM_TEST_RAY": temp_dirs[0], "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{free_port()}"
     try:
-        started = subprocess.run(
-            command,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=RAY_START_TIMEOUT,
-            check=False,
-        )
-        assert started.returncode == 0, f"ray start failed:\n{started.stderr[-3000:]}"
-        yield f"127.0.0.1:{port}", Path(temp_dir)
+        for i, ((num_cpus, resources), temp_dir) in enumerate(zip(nodes, temp_dirs, strict=True)):
+            extra = {"resources": resources} if resources else {}
+            if i == 0:
+                extra["port"] = address.rsplit(":", 1)[1]
+            ray_start(env, temp_dir, num_cpus, None if i == 0 else address, **extra)
+        yield address, [Path(d) for d in temp_dirs]
     finally:
         signalled = stop_processes(entry)
         time.sleep(0.5)
         left = started_under(entry) | {pid for pid in signalled if running(pid)}
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for temp_dir in temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"processes of this test's Ray cluster still running: {sorted(left)}"
+
+
+@pytest.fixture
+def ray_head() -> Iterator[tuple[str, Path]]:
+    """A one-node Ray cluster on loopback: (address, temp dir); stops its processes after."""
+    with ray_cluster([(2, "")]) as (address, temp_dirs):
+        yield address, temp_dirs[0]
+
+
+@pytest.fixture
+def ray_two_nodes() -> Iterator[tuple[str, list[Path]]]:
+    """Head (1 CPU, resource node_a) and one worker (1 CPU, node_b) on loopback."""
+    with ray_cluster([(1, '{"node_a": 1}'), (1, '{"node_b": 1}')]) as cluster:
+        yield cluster
+
+
+# What a process joined to the cluster sees in its GCS: alive nodes with their node_* resource,
+# and every actor's class, node and state (the dashboard, and so ray.util.state, is off).
+PLACEMENT = """
+import json, sys
+import ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("node_"))
+         for n in ray.nodes() if n["Alive"]}
+actors = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "state": a["State"]}
+          for a in state.actors().values()]
+print(json.dumps({"nodes": nodes, "actors": actors}))
+"""
+
+
+def placement(address: str) -> dict[str, object]:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    seen = subprocess.run(
+        [sys.executable, "-c", PLACEMENT, address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RAY_START_TIMEOUT,
+        check=False,
+    )
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    return json.loads(seen.stdout.strip().splitlines()[-1])
 
 
 def run(results_dir: Path, cache: Path, **engine: object) -> dict[str, object]:
@@ -122,6 +183,35 @@ def test_run_on_an_existing_ray_cluster_equals_a_private_ray_run(tmp_path, ray_h
         for key in expected:
             torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     assert private["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_clients_on_both_nodes_and_equals_a_private_run(
+    tmp_path, ray_two_nodes, monkeypatch
+):
+    address, temp_dirs = ray_two_nodes
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = placement(address)  # `ray start --address` returns once the worker registered
+    assert sorted(before["nodes"].values()) == [["node_a"], ["node_b"]], before
+    on_cluster = run(tmp_path / "cluster", tmp_path / "cache-cluster", ray_address=address)
+    assert on_cluster["status"] == "completed", on_cluster.get("error")
+    assert on_cluster["failures"] == [] and on_cluster["config"]["num-tasks"] == T
+
+    after = placement(address)
+    clients = [actor for actor in after["actors"] if actor["class"] == "ClientAppActor"]
+    assert len(clients) == T, after  # one CPU each: one actor per node
+    used = sorted(after["nodes"][actor["node"]][0] for actor in clients)
+    assert used == ["node_a", "node_b"], after
+    worker_logs = list(temp_dirs[1].glob("session_*/logs/worker-*"))
+    assert worker_logs, f"no worker process ran on the second node ({temp_dirs[1]})"
+
+    private = run(tmp_path / "private", tmp_path / "cache-private")
+    assert private["status"] == "completed"
+    expected = load_file(tmp_path / "private" / "global_model.safetensors")
+    merged = load_file(tmp_path / "cluster" / "global_model.safetensors")
+    assert sorted(merged) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
