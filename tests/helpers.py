@@ -261,6 +261,22 @@ class Federation:
         )
 
 
+def make_certs(tmp_path: Path) -> Path:
+    """TLS certificates from scripts/make_certs.sh in tmp_path/certs (skips without openssl)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl for scripts/make_certs.sh")
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        ["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    return certs
+
+
 @contextlib.contextmanager
 def deployment_processes(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """FLWR_HOME and environment for the processes of one test; stops them all afterwards, by

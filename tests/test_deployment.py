@@ -36,6 +36,7 @@ from helpers import (
     assert_completed,
     deployment_processes,
     flwr_run,
+    make_certs,
     run_config_text,
     start_federation,
 )
@@ -51,21 +52,6 @@ def deployment_env(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """FLWR_HOME and environment for the processes of one test; stops them all afterwards."""
     with deployment_processes(tmp_path) as home_env:
         yield home_env
-
-
-def make_certs(tmp_path: Path) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl for scripts/make_certs.sh")
-    certs = tmp_path / "certs"
-    made = subprocess.run(
-        ["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
-    return certs
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ checks in containers). Processes carry this test's FLWR_HOME and are stopped by 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import SHORT_RUN, free_port, run_config_text, running, started_under, stop_processes
+from helpers import SHORT_RUN, deployment_processes, free_port, make_certs, run_config_text
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,33 +73,13 @@ def test_make_node_keys_gives_ec_key_pairs_flower_accepts_and_keeps_them(tmp_pat
 
 @pytest.fixture
 def auth_env(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    """FLWR_HOME and environment for the processes of one test; stops them all afterwards."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the process clean-up reads /proc")
-    if shutil.which("flower-supernode", path=str(BIN)) is None:
-        pytest.skip(f"no flower-supernode next to {sys.executable} (install flwr[simulation])")
+    """FLWR_HOME and environment for the processes of one test (tests/helpers.py
+    ``deployment_processes``: stopped by PID afterwards), with a logs/ folder."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl for scripts/make_certs.sh (node authentication needs TLS)")
-    home = tmp_path / "flwr-home"
-    (home / "logs").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FL_SIM_CACHE": str(tmp_path / "fl-sim-cache"),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    entry = f"FLWR_HOME={home}"
-    try:
+    with deployment_processes(tmp_path) as (home, env):
+        (home / "logs").mkdir(parents=True)
         yield home, env
-    finally:
-        signalled = stop_processes(entry)
-        time.sleep(0.5)
-        left = started_under(entry) | {pid for pid in signalled if running(pid)}
-        assert not left, f"processes of this test's FLWR_HOME still running: {sorted(left)}"
 
 
 def start(home: Path, env: dict[str, str], name: str, command: list[str]) -> subprocess.Popen:
@@ -152,15 +131,7 @@ def supernode(certs: Path, port: int, t: int, key: Path | None) -> list[str]:
 @pytest.mark.slow
 def test_only_registered_supernodes_get_in_and_run(tmp_path, auth_env):
     home, env = auth_env
-    certs, keys = tmp_path / "certs", tmp_path / "keys"
-    made = subprocess.run(
-        ["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert made.returncode == 0, made.stderr
+    certs, keys = make_certs(tmp_path), tmp_path / "keys"
     assert make_keys(keys, T + 1).returncode == 0  # supernode-2: a key never registered
     port = free_port()
     superlink = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port)]
