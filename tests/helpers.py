@@ -277,6 +277,25 @@ def make_certs(tmp_path: Path) -> Path:
     return certs
 
 
+def simulate_reference(values: dict[str, object], results_dir: Path, cache: Path) -> Path:
+    """``values`` run by ``simulate`` (in-process Ray) into ``results_dir``, with FL_SIM_CACHE at
+    ``cache`` for the run (restored after): what a deployment's weights are checked against."""
+    from fl_sim.federation.simulation import simulate
+
+    saved = os.environ.get("FL_SIM_CACHE")
+    os.environ["FL_SIM_CACHE"] = str(cache)
+    try:
+        config = RunConfig.from_mapping({**values, "results-dir": str(results_dir)})
+        (results,) = simulate([config], progress=False)
+    finally:
+        if saved is None:
+            os.environ.pop("FL_SIM_CACHE", None)
+        else:
+            os.environ["FL_SIM_CACHE"] = saved
+    assert results["status"] == "completed", results.get("error")
+    return results_dir
+
+
 @contextlib.contextmanager
 def deployment_processes(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     """FLWR_HOME and environment for the processes of one test; stops them all afterwards, by

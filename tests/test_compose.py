@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHORT_RUN, free_port, run_config_text
+from helpers import SHORT_RUN, free_port, run_config_text, simulate_reference
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -317,24 +317,6 @@ def stack(engine: Engine, image: str, tmp_path_factory: pytest.TempPathFactory) 
             engine.env,
         ).stdout.split()
         assert down.returncode == 0 and not left, f"compose down: {down.stderr}; left {left}"
-
-
-def simulate_reference(values: dict[str, object], results_dir: Path, cache: Path) -> Path:
-    from fl_sim.config.run_config import RunConfig
-    from fl_sim.federation.simulation import simulate
-
-    saved = os.environ.get("FL_SIM_CACHE")
-    os.environ["FL_SIM_CACHE"] = str(cache)
-    try:
-        config = RunConfig.from_mapping({**values, "results-dir": str(results_dir)})
-        (results,) = simulate([config], progress=False)
-    finally:
-        if saved is None:
-            os.environ.pop("FL_SIM_CACHE", None)
-        else:
-            os.environ["FL_SIM_CACHE"] = saved
-    assert results["status"] == "completed", results.get("error")
-    return results_dir
 
 
 def run_on_stack(stack: Stack, values: dict[str, object], name: str, out: Path) -> Path:

@@ -38,6 +38,7 @@ from helpers import (
     flwr_run,
     make_certs,
     run_config_text,
+    simulate_reference,
     start_federation,
 )
 from safetensors.torch import load_file
@@ -57,23 +58,8 @@ def deployment_env(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run on the simulation engine (in-process Ray): its results-dir."""
-    from fl_sim.config.run_config import RunConfig
-    from fl_sim.federation.simulation import simulate
-
     results_dir = tmp_path_factory.mktemp("simulation") / "run"
-    cache = tmp_path_factory.mktemp("fl-sim-cache")
-    saved = os.environ.get("FL_SIM_CACHE")
-    os.environ["FL_SIM_CACHE"] = str(cache)
-    try:
-        config = RunConfig.from_mapping({**RUN_CONFIG, "results-dir": str(results_dir)})
-        (results,) = simulate([config], progress=False)
-    finally:
-        if saved is None:
-            os.environ.pop("FL_SIM_CACHE", None)
-        else:
-            os.environ["FL_SIM_CACHE"] = saved
-    assert results["status"] == "completed", results.get("error")
-    return results_dir
+    return simulate_reference(RUN_CONFIG, results_dir, tmp_path_factory.mktemp("fl-sim-cache"))
 
 
 @pytest.mark.slow
