@@ -6,6 +6,7 @@
     scripts/make_certs.sh, scripts/make_node_keys.sh; docker-compose up (TLS, node auth on)
     flwr supernode register keys/supernode-{0,1}.pub; supernode-2 is never registered
     flwr run . compose (127.0.0.1:<free port>): one-shot and 2-round fedavg, T = 2 toy tasks
+    a lost node: supernode-1's container killed in round 2 of a 5-round run and started again
 
 Only supernode-0 and supernode-1 are started (T = 2, SHORT_RUN's federation): the ServerApp
 wants exactly one node per task (fl_sim/federation/server_app.py, discover_tasks), and every
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -48,6 +50,14 @@ FEDERATION = "compose"
 DEFAULT_BASE = "python:3.11-slim"
 ONE_SHOT = dict(SHORT_RUN)
 MULTI_ROUND = {**SHORT_RUN, "num-rounds": 2}
+LOST_NODE_ROUNDS = 5
+LOST_NODE_RUN = {
+    **SHORT_RUN,
+    "num-rounds": LOST_NODE_ROUNDS,
+    "min-clients": 1,
+    # above Flower's 60 s node expiry: the SuperLink's Node Unavailable reply ends round 2
+    "round-timeout": 150.0,
+}
 FLWR_RUN_TIMEOUT = 600  # seconds; ~40 s on an idle 2-core machine, minutes when it is loaded
 BUILD_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
 BUILD_DIRS = ("fl_sim", "clients", "strategies")
@@ -383,3 +393,75 @@ def test_compose_two_round_fedavg_equals_simulation(stack, tmp_path):
     deployed = run_on_stack(stack, MULTI_ROUND, "two-rounds", tmp_path / "deployed")
     simulated = simulate_reference(MULTI_ROUND, tmp_path / "simulated", tmp_path / "cache")
     assert_same_weights(deployed, simulated, rounds=2)
+
+
+def container_log(stack: Stack, container: str) -> str:
+    logged = sh(["docker", "logs", container], 60, stack.env)
+    return logged.stdout + logged.stderr
+
+
+def node_ids(stack: Stack) -> set[str]:
+    return {node["node-id"] for node in online_nodes(stack)}
+
+
+def test_compose_a_killed_supernode_is_recorded_and_its_restart_rejoins(stack, tmp_path):
+    """supernode-1's container is SIGKILLed (`docker kill`) once its ClientApp has the round-2
+    message, and started again at once. The SuperLink answers for it with Node Unavailable when
+    its heartbeat expires (~60 s): the round records the failure (round, node, task, reason)
+    and goes on with min-clients = 1. With node authentication the restarted node may activate
+    only once the SuperLink has marked its key offline; until then the container exits and
+    `restart: on-failure` retries, and it comes back under the *same* node id (the key's), so
+    later rounds reach it again without a rejoin. Rounds that start before it is back fail fast
+    (the SuperLink answers at once for an offline node): every failure is that node's, in
+    consecutive rounds from round 2, and the last round trains both clients."""
+    before = node_ids(stack)
+    assert len(before) == T
+    container = stack.container("supernode-1")
+    done: list[Path] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(run_on_stack(stack, LOST_NODE_RUN, "lost-node", tmp_path / "deployed"))
+        except BaseException as error:  # pytest.fail included: re-raised below
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + FLWR_RUN_TIMEOUT
+    while "ROUND 2]" not in container_log(stack, container):
+        assert thread.is_alive() and time.monotonic() < deadline, (
+            f"supernode-1 never got its round-2 message: {errors}\n{stack.logs()[-4000:]}"
+        )
+        time.sleep(1)
+    killed = sh(["docker", "kill", container], 60, stack.env)
+    assert killed.returncode == 0, killed.stderr
+    killed_at = time.monotonic()
+    started = sh(["docker", "start", container], 120, stack.env)
+    assert started.returncode == 0, started.stderr
+    thread.join(FLWR_RUN_TIMEOUT + 120)
+    assert not thread.is_alive(), "flwr run did not return"
+    if errors:
+        raise errors[0]
+    (deployed,) = done
+    results = json.loads((deployed / "results.json").read_text(encoding="utf-8"))
+    assert results["status"] == "completed", results["error"]
+    failures = results["failures"]
+    assert failures, "the killed node's round was not recorded as failed"
+    assert {(f["phase"], f["task"]) for f in failures} == {("train", 1)}, failures
+    lost = {str(f["node_id"]) for f in failures}
+    assert len(lost) == 1 and lost <= before, (failures, before)
+    failed_rounds = [f["round"] for f in failures]
+    assert failed_rounds == list(range(2, 2 + len(failures))), failures
+    assert len(failures) < LOST_NODE_ROUNDS - 1, "the restarted node never trained again"
+    clients = [entry["training"]["clients"] for entry in results["rounds"][1:]]
+    assert len(clients) == LOST_NODE_ROUNDS
+    assert clients[0] == [0, 1] and clients[-1] == [0, 1], clients
+    assert all(clients[r - 1] == [0] for r in failed_rounds), clients
+    wait_for(lambda: node_ids(stack) == before, 180, "not the same node ids online", stack)
+    restarts = sh(["docker", "inspect", "-f", "{{.RestartCount}}", container], 60, stack.env)
+    print(
+        f"lost node {lost} failed rounds {failed_rounds}; clients per round {clients}; "
+        f"container restarts after the kill {restarts.stdout.strip()}; "
+        f"back online {time.monotonic() - killed_at:.0f} s after the kill (at the latest)"
+    )
