@@ -30,6 +30,15 @@ best of both. The machine may be shared and noisy: compare the ratios printed wi
     python benchmarks/bench_merge.py --json bench.json      # the full run (several minutes)
     python benchmarks/bench_merge.py --quick                # a smoke run in seconds
     python benchmarks/bench_merge.py --device cpu,cuda      # add GPU rows (skipped without a GPU)
+
+``--adapters RANK`` measures the adapter path instead: T PEFT-format LoRA adapters of rank RANK
+on every Linear weight of the BERT shape, merged by the ``fl-sim merge`` process into a full model
+(task_arithmetic, median) and into an adapter (``--to-adapter --rank T·RANK``: exact), with wall
+time and peak RSS against the design bound: the output (a model streams out; an adapter is held
+until written) + T × the largest materialised ΔW + the engine's output buffer (the largest
+tensor) + 0.5 GB.
+
+    python benchmarks/bench_merge.py --adapters 16 --sizes base --clients 8
 """
 
 from __future__ import annotations
@@ -423,6 +432,155 @@ def time_fl_sim_process(
     argv += [str(m) for m in checkpoints.clients(num_clients)]
     shutil.rmtree(out, ignore_errors=True)
     return run_process(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter path (--adapters RANK)
+# ---------------------------------------------------------------------------------------------
+
+LORA_TARGETS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+@dataclass(frozen=True)
+class AdapterInputs:
+    size: str
+    base: Path
+    adapters: tuple[Path, ...]
+    model_bytes: int
+    largest_delta_bytes: int  # the largest materialised ΔW (float32)
+    largest_tensor_bytes: int  # the engine's output buffer
+    adapter_bytes: int  # one adapter's A and B
+
+
+def make_adapters(root: Path, size: str, num_clients: int, rank: int) -> AdapterInputs:
+    """base/ and lora0/..: PEFT LoRA adapters (adapter_config.json, adapter_model.safetensors,
+    keys ``base_model.model.<module>.lora_A.weight``) of rank ``rank`` on every Linear weight."""
+    shape = SIZES[size]
+    shapes = shape.tensor_shapes()
+    generator = torch.Generator().manual_seed(0)
+    folder = root / f"{size}-lora"
+    base = {name: torch.randn(s, generator=generator) * 0.02 for name, s in shapes.items()}
+    write_model(folder / "base", base, shape)
+    targets = [
+        name
+        for name in shapes
+        if name.endswith(".weight") and any(f".{t}.weight" in name for t in LORA_TARGETS)
+    ]
+    adapters = []
+    for t in range(num_clients):
+        tensors = {}
+        for name in targets:
+            rows, columns = shapes[name]
+            module = f"base_model.model.{name.removesuffix('.weight')}"
+            tensors[f"{module}.lora_A.weight"] = torch.randn(rank, columns, generator=generator)
+            tensors[f"{module}.lora_B.weight"] = 0.01 * torch.randn(rows, rank, generator=generator)
+        adapter = folder / f"lora{t}"
+        adapter.mkdir(parents=True, exist_ok=True)
+        save_tensors(adapter / "adapter_model.safetensors", tensors)
+        config = {
+            "peft_type": "LORA",
+            "base_model_name_or_path": str(folder / "base"),
+            "r": rank,
+            "lora_alpha": 2 * rank,
+            "target_modules": ["query", "key", "value", "dense"],
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+        }
+        write_json(adapter / "adapter_config.json", config)
+        adapters.append(adapter)
+    return AdapterInputs(
+        size=size,
+        base=folder / "base",
+        adapters=tuple(adapters),
+        model_bytes=sum(math.prod(s) for s in shapes.values()) * 4,
+        largest_delta_bytes=max(math.prod(shapes[n]) for n in targets) * 4,
+        largest_tensor_bytes=max(math.prod(s) for s in shapes.values()) * 4,
+        adapter_bytes=sum(t.numel() * 4 for t in tensors.values()),
+    )
+
+
+def run_adapter_benchmark(args: argparse.Namespace) -> dict[str, object]:
+    """Wall time and peak RSS of ``fl-sim merge`` over T adapters, against the design bound."""
+    workdir = Path(tempfile.mkdtemp(prefix="fl-sim-bench-", dir=args.workdir))
+    out_root = Path(tempfile.mkdtemp(prefix="fl-sim-bench-out-", dir=args.out_dir))
+    _, import_rss = run_process([sys.executable, "-c", "import fl_sim.merge.run"])
+    print(f"peak RSS of importing fl_sim.merge.run (torch included): {import_rss / GB:.2f} GB")
+    rows = []
+    try:
+        for size in args.sizes:
+            inputs = make_adapters(workdir, size, max(args.clients), args.adapters)
+            warm_page_cache([inputs.base])
+            for num_clients in args.clients:
+                adapters = [str(a) for a in inputs.adapters[:num_clients]]
+                cases = (
+                    ("task_arithmetic", "model", []),
+                    ("median", "model", []),
+                    ("task_arithmetic", "adapter", ["--to-adapter", "--rank"]),
+                )
+                for method, output, extra in cases:
+                    out = out_root / f"{size}-{num_clients}-{method}-{output}"
+                    flags = [*extra, str(num_clients * args.adapters)] if extra else []
+                    argv = [*fl_sim_command(), "merge", "--method", method, "--base"]
+                    argv += [str(inputs.base), "--out", str(out), "--no-progress", *flags]
+                    seconds, rss = run_process([*argv, *adapters])
+                    report = json.loads((out / "merge_report.json").read_text())
+                    # the output adapter is held in memory until written; a model streams out
+                    weights = out / "adapter_model.safetensors"
+                    out_bytes = inputs.model_bytes if output == "model" else weights.stat().st_size
+                    bound = (
+                        out_bytes
+                        + num_clients * inputs.largest_delta_bytes
+                        + inputs.largest_tensor_bytes
+                        + RSS_SLACK
+                    )
+                    row = {
+                        "size": size,
+                        "clients": num_clients,
+                        "rank": args.adapters,
+                        "method": method,
+                        "output": output,
+                        "process_seconds": seconds,
+                        "process_peak_rss": rss,
+                        "rss_bound": int(bound),
+                        "within_bound": rss <= bound,
+                        "model_bytes": inputs.model_bytes,
+                        "largest_delta_bytes": inputs.largest_delta_bytes,
+                        "adapter_bytes": inputs.adapter_bytes,
+                    }
+                    if output == "adapter":
+                        row["max_relative_error"] = report["output"]["relative_error"]["max"]
+                    rows.append(row)
+                    shutil.rmtree(out, ignore_errors=True)
+                    print(
+                        f"{size} T={num_clients} r={args.adapters} {method:>15} → {output:7}: "
+                        f"{seconds:6.2f} s, peak RSS {rss / GB:.2f} GB (bound {bound / GB:.2f} GB"
+                        f"{', met' if rss <= bound else ', MISSED'})"
+                        + (
+                            f", max truncation error {row['max_relative_error']:.1e}"
+                            if output == "adapter"
+                            else ""
+                        )
+                    )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(out_root, ignore_errors=True)
+    return {
+        "environment": {
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        },
+        "import_peak_rss": import_rss,
+        "adapter_rows": rows,
+    }
 
 
 def open_weights(folders: Sequence[Path]) -> list[SafetensorsFile]:
@@ -918,6 +1076,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="skip some of: process, addloop, flower, mergekit",
     )
+    parser.add_argument(
+        "--adapters",
+        type=int,
+        metavar="RANK",
+        help="measure the LoRA-adapter path instead, with adapters of this rank",
+    )
     parser.add_argument("--bandwidth-bytes", type=int, default=2 << 30, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -933,8 +1097,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if unknown or any(d not in ("cpu", "cuda") for d in args.device):
         raise SystemExit(f"bench_merge: unknown size, method or device {unknown or args.device}")
-    report = run_benchmark(args)
-    print_report(report)
+    if args.adapters is not None:
+        report = run_adapter_benchmark(args)
+    else:
+        report = run_benchmark(args)
+        print_report(report)
     if args.json:
         write_json(args.json, report, default=str)
         print(f"\nwrote {args.json}")

@@ -1,3 +1,3 @@
-"""Model weights on disk and on the wire: safetensors I/O, Hugging Face folders, Flower
-ArrayRecords.
+"""Model weights on disk and on the wire: safetensors I/O, Hugging Face folders, sharded output,
+Flower ArrayRecords.
 """

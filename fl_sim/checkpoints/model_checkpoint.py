@@ -170,8 +170,8 @@ def _open_folder(folder: Path, *, allow_pickle: bool) -> Checkpoint:
         return _open_safetensors_index(folder / SAFETENSORS_INDEX, is_folder=True)
     if (folder / "adapter_config.json").is_file():
         raise CheckpointError(
-            f"checkpoint {folder} is a PEFT adapter, not a full model (merge it into its base "
-            "first: peft's merge_and_unload(), then save_pretrained)"
+            f"checkpoint {folder} is a PEFT adapter, not a full model (fl-sim merge takes it "
+            "as one of the models, with its base as --base)"
         )
     safetensors = sorted(folder.glob("*.safetensors"))
     if len(safetensors) == 1:

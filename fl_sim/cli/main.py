@@ -19,11 +19,15 @@ Every rule's A is mean-like, so --server-lr (β) means the same for all of them;
 β = λ for {mean_rules}). With neither, β = 1.
 
 BASE and each FT may be a Hugging Face folder (model.safetensors or a sharded
-model.safetensors.index.json) or a single .safetensors file. Folders in → OUT is a
-Hugging Face folder (config and tokenizer copied from BASE); files in → OUT is a
-.safetensors file. merge_report.json (in OUT, or OUT's sibling <stem>.merge_report.json)
-holds the weights, effective weights w_t and χ²(p‖w), task-vector norms and cosines,
-the rule's own figures and the time taken."""
+model.safetensors.index.json) or a single .safetensors file; an FT may also be a PEFT
+LoRA adapter folder (adapter_config.json + adapter_model.safetensors) trained on BASE,
+whose Δ is (α/r)·B·A per target module. Folders in → OUT is a Hugging Face folder
+(config and tokenizer copied from BASE; sharded past --max-shard-size); files in → OUT
+is a .safetensors file. --to-adapter --rank R writes OUT as a rank-R LoRA adapter
+instead (truncated SVD of the merged ΔW per module). merge_report.json (in OUT, or
+OUT's sibling <stem>.merge_report.json) holds the weights, effective weights w_t and
+χ²(p‖w), task-vector norms and cosines, the rule's own figures, which inputs were
+adapters and the time taken."""
 
 MERGE_EPILOG = """\
 examples:
@@ -32,6 +36,9 @@ examples:
   fl-sim merge --method cclip --tau-c 5 --iters 2 \
       --base base.safetensors --out merged.safetensors ft1.safetensors ft2.safetensors
   fl-sim merge merge.yaml --out merged/   # mergekit-style: merge_method, base_model, models
+  fl-sim merge --method ties --base base/ --out merged/ --max-shard-size 2GB lora1/ lora2/ ft3/
+  fl-sim merge --method task_arithmetic --base base/ --out lora/ --to-adapter --rank 16 \
+      lora1/ lora2/
 
 --train-meta META.json: [{"steps": 500, "lr_sum": 0.5}, ...] (one per FT, in order) or
 {"ft1/": {"steps": 500, "lr_sum": 0.5}, ...} keyed by path; a fl_sim_meta.json inside an
@@ -105,6 +112,27 @@ def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
         help="dtype of OUT's float tensors (default: the base's); math runs in float32",
     )
     parser.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        default=None,
+        help="largest weights file of a folder OUT: 5GB (default), 500MB, 10KB, 2GiB or bytes; "
+        "a larger model is written as model-0000i-of-0000n.safetensors + index",
+    )
+    parser.add_argument(
+        "--to-adapter",
+        action="store_true",
+        default=None,
+        help="write OUT as a PEFT LoRA adapter (every FT must be a LoRA adapter); needs --rank",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        metavar="R",
+        default=None,
+        help="rank of --to-adapter's output per module (exact when R ≥ the sum of the "
+        "inputs' ranks, for linear rules); merge_report.json gives the truncation error",
+    )
+    parser.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also read pickled .bin/.pt files, with torch.load(weights_only=True)",
@@ -175,6 +203,9 @@ def run_merge_command(args: argparse.Namespace) -> int:
         **{yaml: getattr(args, dest) for yaml, dest in knob_flags().items()},
         "device": args.device,
         "dtype": args.dtype,
+        "max_shard_size": args.max_shard_size,
+        "to_adapter": args.to_adapter,
+        "rank": args.rank,
     }
     if len(args.inputs) == 1 and args.inputs[0].endswith((".yaml", ".yml")):
         kwargs = options_from_yaml(args.inputs[0], flags)

@@ -1,3 +1,3 @@
 """Offline merging of real fine-tuned checkpoints (`fl-sim merge`): options, mergekit-style YAML,
-the merge run.
+PEFT LoRA adapters as inputs (``adapters``) and as output (``to_adapter``), the merge run.
 """

@@ -10,6 +10,10 @@ Without either, β = 1 (for task_arithmetic: λ = 1/T, the weight average).
 
 Each rule's own knobs (``--rho``, ``--tau-c``, ``--density``...; YAML ``parameters:``) come from
 its knob dataclass in the registry: the flags, the YAML names and the checks are derived from it.
+
+Models may be PEFT LoRA adapter folders (fl_sim/merge/adapters.py); ``--to-adapter --rank r``
+writes the merge as a rank-r adapter (fl_sim/merge/to_adapter.py) instead of a full model, and
+``--max-shard-size`` (Hugging Face's ``5GB`` convention) shards a full model folder.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from fl_sim.checkpoints.sharding import parse_shard_size
 from fl_sim.errors import ConfigError
 from fl_sim.outputs import read_json
 from strategies.fednova import A_NORMS
@@ -74,6 +79,9 @@ class MergeOptions:
     statistics: bool = True
     paper_defaults: bool = False  # --paper-defaults
     paper_set: tuple[tuple[str, str], ...] = ()  # (YAML name, value) the switch set
+    max_shard_size: int | None = None  # bytes; None: 5GB for a folder OUT, one file for a file
+    to_adapter: bool = False  # --to-adapter: OUT is a LoRA adapter of rank ``rank``
+    rank: int | None = None
 
     @property
     def num_clients(self) -> int:
@@ -221,6 +229,9 @@ def build_merge_options(
     force: bool = False,
     statistics: bool = True,
     paper_defaults: bool = False,
+    max_shard_size: str | int | None = None,
+    to_adapter: bool = False,
+    rank: int | None = None,
     **knobs: object,
 ) -> MergeOptions:
     """Validate every knob once and return the options the merge trusts.
@@ -255,6 +266,8 @@ def build_merge_options(
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not out:
         raise ConfigError("no output path: pass --out OUT (a folder or a .safetensors file)")
+    shard_bytes = None if max_shard_size is None else parse_shard_size(max_shard_size)
+    check_adapter_output(bool(to_adapter), rank, Path(out), shard_bytes)
     model_paths = tuple(Path(m) for m in models)
     options = MergeOptions(
         method=method,
@@ -274,10 +287,38 @@ def build_merge_options(
         statistics=statistics,
         paper_defaults=bool(paper_defaults),
         paper_set=tuple(paper_set.items()),
+        max_shard_size=shard_bytes,
+        to_adapter=bool(to_adapter),
+        rank=rank,
     )
     # the rule's own checks (τ_c set, weights allowed, fednova's a-norm) run now
     make_rule(options.rule_config(), options.num_clients)
     return options
+
+
+def check_adapter_output(
+    to_adapter: bool, rank: object, out: Path, max_shard_size: int | None
+) -> None:
+    """--to-adapter needs --rank r ≥ 1 and a folder OUT; --rank means nothing without it."""
+    if not to_adapter:
+        if rank is not None:
+            raise ConfigError("--rank is the rank of --to-adapter's output: pass --to-adapter too")
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(
+            f"--to-adapter needs --rank R, an integer ≥ 1, got {rank!r} (R ≥ the sum of the "
+            "inputs' ranks is exact for linear rules)"
+        )
+    if out.suffix == ".safetensors":
+        raise ConfigError(
+            f"--to-adapter writes an adapter folder, but --out {out} is a .safetensors file "
+            "(pass a folder path)"
+        )
+    if max_shard_size is not None:
+        raise ConfigError(
+            "--max-shard-size shards a full model; --to-adapter writes one adapter file "
+            "(drop one of them)"
+        )
 
 
 # parameters of every method, and each rule's own knobs by their YAML names (the registry)
