@@ -1,8 +1,8 @@
 """How one federated round's time and memory grow with the clients T and the model size.
 
     python benchmarks/bench_scale.py [--models minilm,base] [--clients 2,4,8,16,32,64]
-        [--rounds 2] [--local-steps 1] [--batch-size 4] [--memory-budget-gib 18]
-        [--json OUT] [--csv OUT] [--plot OUT.png]
+        [--streaming on] [--held-clients 2,4,8,16,32,64] [--rounds 2] [--local-steps 1]
+        [--batch-size 4] [--memory-budget-gib 18] [--json OUT] [--csv OUT] [--plot OUT.png]
 
 Every point (model, T) is one ``fl-sim run`` job in a fresh process (``fl_sim.federation.simulation
 .simulate``: Flower's simulation engine on a private Ray, one client per task, one CPU each):
@@ -16,6 +16,10 @@ update Δ_t is model-sized), AdamW, the update cache off so that every client tr
   depends on the shapes alone, and no accuracy is reported.
 - Data: T small generated text tasks (``--rows`` rows each, two classes), one CSV file per task,
   through the ``local`` suite, i.e. the same code path as a user's own files.
+- Server: ``--streaming on`` runs the streaming server (``server-streaming = true``, the default:
+  each reply folded or spilled on arrival), ``off`` the server that holds every reply until the
+  round aggregates; ``--streaming on,off`` measures both in one run, ``off`` only at the T of
+  ``--held-clients``, so the two can be compared point by point on the same machine and load.
 
 Per point the script reports, from the run's results.json: each round's wall time without the
 evaluation (``round_seconds``: send θʳ, T clients train, receive, aggregate, checkpoint), the
@@ -24,9 +28,10 @@ reply: task suite, θʳ in, local training, Δ_t out); round 1 is cold (every Ra
 task suite and model on its first message; the server writes the T fine-tuned checkpoints), so
 the steady figure is the last round. Memory is sampled every 0.2 s by this process: the
 proportional set size (PSS) summed over the job's process tree (the driver with the ServerApp,
-Ray's services and its worker actors; shared pages counted once) and the machine's used memory
+Ray's services and its worker actors; shared pages counted once), the machine's used memory
 (MemTotal − MemAvailable, which also holds Ray's object store in /dev/shm) above its level
-before the job; the driver's own peak RSS comes from the job itself.
+before the job, and /dev/shm's own use above its level (Ray's object store alone); the driver's
+own peak RSS comes from the job itself.
 
 The baseline is the first point measured (the smallest model at the smallest T): every point
 prints its steady round time and peak memory as ratios to it, beside the ratio of the work
@@ -34,7 +39,8 @@ prints its steady round time and peak memory as ratios to it, beside the ratio o
 A point whose projected peak memory exceeds ``--memory-budget-gib`` is not run and is reported
 as skipped with its projection: the line through the same model's last two measured points, or
 from one point COPIES_PER_CLIENT update sizes per extra client (about what the first runs here
-showed), or before any COPIES_PER_CLIENT · T · U + BASE_GIB. A point whose used-memory rise
+showed; STREAMING_COPIES_PER_CLIENT for the streaming server), or before any
+COPIES_PER_CLIENT · T · U + BASE_GIB. A point whose used-memory rise
 passes the budget + 2 GiB while it runs is killed (before the kernel's OOM killer picks a victim)
 and reported as such. The machine has 24 GiB; the default budget leaves 6 GiB to the rest.
 """
@@ -82,7 +88,9 @@ VOCABULARY = (  # the generated tasks' words: plain words, one or two word piece
 )
 WORDS = VOCABULARY.split()
 GIB = 2**30
-COPIES_PER_CLIENT = 6  # memory per client in update sizes, for a projection before measuring
+COPIES_PER_CLIENT = 3  # memory per client in update sizes, for a projection before measuring
+# (the held server, measured: +1.22 GiB of used memory per BERT-base client, T = 4 → 8, ≈ 3 U)
+STREAMING_COPIES_PER_CLIENT = 0.2  # likewise, streaming server (minilm T 8 → 16: ≈ 0.24 U)
 BASE_GIB = 4.0  # Ray, the driver and two actors with their models, likewise
 
 
@@ -160,6 +168,7 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
             "preset": "homogeneous",
             "update-cache": False,
             "server-device": "cpu",
+            "server-streaming": bool(spec.get("streaming", True)),
             "results-dir": str(results_dir),
         }
     )
@@ -238,6 +247,15 @@ def tree_pss(root: int) -> tuple[int, int]:
     return total, largest
 
 
+def shm_used() -> int:
+    """Bytes in use in /dev/shm (Ray's object store lives there), 0 where it does not exist."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
 def used_memory() -> int:
     """MemTotal − MemAvailable in bytes."""
     fields = {}
@@ -253,8 +271,8 @@ class MemorySampler(threading.Thread):
     def __init__(self, pid: int, limit: float, period: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.pid, self.limit, self.period = pid, limit, period
-        self.baseline = used_memory()
-        self.peak_pss = self.peak_worker = self.peak_used = 0
+        self.baseline, self.shm_baseline = used_memory(), shm_used()
+        self.peak_pss = self.peak_worker = self.peak_used = self.peak_shm = 0
         self.killed = False
         self._halt = threading.Event()
 
@@ -264,6 +282,7 @@ class MemorySampler(threading.Thread):
             self.peak_pss = max(self.peak_pss, total)
             self.peak_worker = max(self.peak_worker, largest)
             self.peak_used = max(self.peak_used, used_memory() - self.baseline)
+            self.peak_shm = max(self.peak_shm, shm_used() - self.shm_baseline)
             if self.peak_used > self.limit and not self.killed:  # before the OOM killer acts
                 self.killed = True
                 with contextlib.suppress(ProcessLookupError):
@@ -311,6 +330,7 @@ def measure_point(
         peak_tree_pss_gib=sampler.peak_pss / GIB,
         peak_worker_pss_gib=sampler.peak_worker / GIB,
         peak_used_rise_gib=sampler.peak_used / GIB,
+        peak_shm_rise_gib=sampler.peak_shm / GIB,
     )
     return figures
 
@@ -320,23 +340,56 @@ def measure_point(
 # ---------------------------------------------------------------------------------------------
 
 
-def projected_gib(measured: Sequence[tuple[int, float]], clients: int, update_gib: float) -> float:
-    """Peak memory at T = ``clients`` from the same model's measured (T, GiB) points.
+def projected_gib(
+    measured: Sequence[tuple[int, float]],
+    clients: int,
+    update_gib: float,
+    copies: float = COPIES_PER_CLIENT,
+) -> float:
+    """Peak memory at T = ``clients`` from the same model's (and server's) measured (T, GiB).
 
-    Two or more: the line through the last two. One: that point plus COPIES_PER_CLIENT updates
-    per extra client. None: COPIES_PER_CLIENT · T · U + BASE_GIB.
+    Two or more: the line through the last two. One: that point plus ``copies`` updates per
+    extra client. None: ``copies`` · T · U + BASE_GIB. ``copies``: COPIES_PER_CLIENT for the
+    server that holds the replies, STREAMING_COPIES_PER_CLIENT for the streaming one.
     """
     if len(measured) >= 2:
         (t0, m0), (t1, m1) = measured[-2], measured[-1]
         return m1 + (m1 - m0) / (t1 - t0) * (clients - t1)
     if measured:
         t1, m1 = measured[-1]
-        return m1 + COPIES_PER_CLIENT * update_gib * (clients - t1)
-    return COPIES_PER_CLIENT * clients * update_gib + BASE_GIB
+        return m1 + copies * update_gib * (clients - t1)
+    return copies * clients * update_gib + BASE_GIB
 
 
 def steady(point: Mapping[str, object]) -> Mapping[str, float]:
     return point["rounds"][-1]  # type: ignore[index,return-value]
+
+
+def server_of(point: Mapping[str, object]) -> str:
+    """``streaming`` or ``held`` (points saved before the streaming server: held)."""
+    return str(point.get("server", "held"))
+
+
+def comparison(points: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
+    """Streaming against held at every (model, T) measured both ways: the ratios."""
+    measured = {(p["model"], p["clients"], server_of(p)): p for p in points if "rounds" in p}
+    rows = []
+    for (model, clients, server), on in measured.items():
+        off = measured.get((model, clients, "held"))
+        if server != "streaming" or off is None:
+            continue
+        rows.append(
+            {
+                "model": model,
+                "clients": clients,
+                "steady_round": steady(on)["round_seconds"] / steady(off)["round_seconds"],
+                "round_1": on["rounds"][0]["round_seconds"] / off["rounds"][0]["round_seconds"],  # type: ignore[index]
+                "used_rise": float(on["peak_used_rise_gib"]) / float(off["peak_used_rise_gib"]),  # type: ignore[arg-type]
+                "driver_rss": float(on["driver_peak_rss_gib"])  # type: ignore[arg-type]
+                / float(off["driver_peak_rss_gib"]),  # type: ignore[arg-type]
+            }
+        )
+    return rows
 
 
 def table(points: Sequence[Mapping[str, object]]) -> str:
@@ -348,45 +401,58 @@ def table(points: Sequence[Mapping[str, object]]) -> str:
     base_round = steady(base)["round_seconds"]
     base_memory = float(base["peak_used_rise_gib"])  # type: ignore[arg-type]
     header = (
-        f"{'model':<7} {'T':>3} {'params':>7} {'Δ MB':>6} {'round 1 s':>9} {'round s':>8} "
-        f"{'agg s':>6} {'client s':>8} {'eval s':>7} {'tree GiB':>8} {'used GiB':>8} "
-        f"{'driver GiB':>10} {'work ×':>7} {'time ×':>7} {'mem ×':>6}"
+        f"{'model':<7} {'T':>3} {'server':<9} {'params':>7} {'Δ MB':>6} {'round 1 s':>9} "
+        f"{'round s':>8} {'agg s':>6} {'client s':>8} {'eval s':>7} {'tree GiB':>8} "
+        f"{'used GiB':>8} {'shm GiB':>7} {'driver GiB':>10} {'work ×':>7} {'time ×':>7} "
+        f"{'mem ×':>6}"
     )
     lines = [header, "-" * len(header)]
     for p in points:
         if "rounds" not in p:
-            lines.append(f"{p['model']:<7} {p['clients']:>3}  skipped: {p['skipped']}")
+            lines.append(
+                f"{p['model']:<7} {p['clients']:>3} {server_of(p):<9}  skipped: {p['skipped']}"
+            )
             continue
         first, last = p["rounds"][0], steady(p)  # type: ignore[index]
         params = int(p["federated_parameters"])  # type: ignore[call-overload]
         work = int(p["clients"]) * params / base_work  # type: ignore[call-overload]
         lines.append(
-            f"{p['model']:<7} {p['clients']:>3} {params / 1e6:>6.1f}M {params * 4 / 1e6:>6.0f} "
-            f"{first['round_seconds']:>9.1f} {last['round_seconds']:>8.1f} "
-            f"{last['aggregation_seconds']:>6.2f} {last['client_seconds_sum']:>8.1f} "
+            f"{p['model']:<7} {p['clients']:>3} {server_of(p):<9} {params / 1e6:>6.1f}M "
+            f"{params * 4 / 1e6:>6.0f} {first['round_seconds']:>9.1f} "
+            f"{last['round_seconds']:>8.1f} {last['aggregation_seconds']:>6.2f} "
+            f"{last['client_seconds_sum']:>8.1f} "
             f"{last['evaluation_seconds']:>7.1f} {p['peak_tree_pss_gib']:>8.2f} "
-            f"{p['peak_used_rise_gib']:>8.2f} {p['driver_peak_rss_gib']:>10.2f} "
+            f"{p['peak_used_rise_gib']:>8.2f} {p.get('peak_shm_rise_gib', math.nan):>7.2f} "
+            f"{p['driver_peak_rss_gib']:>10.2f} "
             f"{work:>7.1f} {last['round_seconds'] / base_round:>7.2f} "
             f"{float(p['peak_used_rise_gib']) / base_memory:>6.2f}"  # type: ignore[arg-type]
         )
     lines.append(
         "round s: the last round's wall time without evaluation; client s: the clients' "
-        "handler seconds summed (they run in parallel, one per core); tree/used GiB: peak PSS "
-        "of the job's processes / peak rise of the machine's used memory; × columns: ratios "
+        "handler seconds summed (they run in parallel, one per core); tree/used/shm GiB: peak "
+        "PSS of the job's processes / peak rise of the machine's used memory / of /dev/shm (Ray's "
+        "object store); × columns: ratios "
         f"to {base['model']} T={base['clients']} of this run."
     )
+    for row in comparison(points):
+        lines.append(
+            f"streaming / held, {row['model']} T={row['clients']}: steady round "
+            f"{row['steady_round']:.2f}×, round 1 {row['round_1']:.2f}×, used memory "
+            f"{row['used_rise']:.2f}×, driver RSS {row['driver_rss']:.2f}×"
+        )
     return "\n".join(lines)
 
 
 def write_points_csv(points: Sequence[Mapping[str, object]], path: Path) -> None:
     columns = [
-        "model", "clients", "federated_parameters", "round", "round_seconds",
+        "model", "clients", "server", "federated_parameters", "round", "round_seconds",
         "aggregation_seconds", "evaluation_seconds", "client_seconds_sum", "client_seconds_max",
-        "train_seconds_sum", "peak_tree_pss_gib", "peak_used_rise_gib", "peak_worker_pss_gib",
+        "train_seconds_sum", "peak_tree_pss_gib", "peak_used_rise_gib", "peak_shm_rise_gib",
+        "peak_worker_pss_gib",
         "driver_peak_rss_gib", "skipped",
     ]  # fmt: skip
     rows = [
-        {**p, **entry}
+        {**p, "server": server_of(p), **entry}
         for p in points
         for entry in p.get("rounds") or [{}]  # type: ignore[attr-defined]
     ]
@@ -400,12 +466,15 @@ def plot(points: Sequence[Mapping[str, object]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for model in dict.fromkeys(p["model"] for p in points):
-        rows = [p for p in points if p["model"] == model and "rounds" in p]
+    for model, server in dict.fromkeys((p["model"], server_of(p)) for p in points):
+        rows = [
+            p for p in points if p["model"] == model and server_of(p) == server and "rounds" in p
+        ]
         if not rows:
             continue
         clients = [int(p["clients"]) for p in rows]  # type: ignore[call-overload]
-        label = f"{model} ({int(rows[0]['federated_parameters']) / 1e6:.0f}M)"  # type: ignore[call-overload]
+        size = int(rows[0]["federated_parameters"]) / 1e6  # type: ignore[call-overload]
+        label = f"{model} ({size:.0f}M), {server}"
         time_axis.plot(clients, [steady(p)["round_seconds"] for p in rows], "o-", label=label)
         memory_axis.plot(clients, [p["peak_used_rise_gib"] for p in rows], "o-", label=label)
     for axis, title in (
@@ -438,6 +507,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--models", default="minilm,base", help=f"comma list of {MODELS}")
     parser.add_argument("--clients", default="2,4,8,16,32,64", help="comma list of T")
+    parser.add_argument(
+        "--streaming",
+        default="on",
+        help="comma list of on (server-streaming = true) and off (the server holds every reply)",
+    )
+    parser.add_argument(
+        "--held-clients", help="the T at which --streaming off runs (default: --clients)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds per job (≥ 2: a steady one)")
     parser.add_argument("--local-steps", type=int, default=1, help="K, AdamW steps per client")
     parser.add_argument("--batch-size", type=int, default=4, help="texts per step")
@@ -469,6 +546,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.rounds < 2:
             parser.error("--rounds must be ≥ 2 (round 1 is cold; the last is the steady figure)")
         args.model_list, args.client_list = models, sorted(set(clients))
+        modes = parse_list(args.streaming, str)
+        if not modes or any(m not in ("on", "off") for m in modes):
+            parser.error(f"--streaming takes a comma list of on, off, got {args.streaming}")
+        held = parse_list(args.held_clients, int) if args.held_clients else clients
+        if not held or min(held) < 1:
+            parser.error(f"--held-clients takes integers ≥ 1, got {args.held_clients}")
+        args.mode_list, args.held_list = modes, sorted(set(held))
     return args
 
 
@@ -489,22 +573,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-scale-")).resolve()
-    data = write_tasks(work / "data", max(args.client_list), args.rows)
+    data = write_tasks(work / "data", max(args.client_list + args.held_list), args.rows)
     model_specs = {"minilm": "minilm"}
     if "base" in args.model_list:
         model_specs["base"] = f"hf:{write_base_model(work / 'bert-base-shaped')}"
     update_gib = {"minilm": 22.7e6 * 4 / GIB, "base": 109.5e6 * 4 / GIB}
-    grid = [(m, t) for m in args.model_list for t in args.client_list]
+    # per model and T: the held server first, then the streaming one, under the same load
+    grid = [
+        (m, t, server)
+        for m in args.model_list
+        for t in sorted(set(args.client_list) | set(args.held_list))
+        for mode, server in (("off", "held"), ("on", "streaming"))
+        if mode in args.mode_list and t in (args.held_list if mode == "off" else args.client_list)
+    ]
     points: list[dict[str, object]] = []
-    for model, clients in tqdm(grid, desc="points", unit="job"):
-        point: dict[str, object] = {"model": model, "clients": clients}
+    for model, clients, server in tqdm(grid, desc="points", unit="job"):
+        point: dict[str, object] = {"model": model, "clients": clients, "server": server}
+        same = [p for p in points if p["model"] == model and server_of(p) == server]
         measured = [
             (int(p["clients"]), float(p["peak_used_rise_gib"]))  # type: ignore[call-overload]
-            for p in points
-            if p["model"] == model and "rounds" in p
+            for p in same
+            if "rounds" in p
         ]
-        projection = projected_gib(measured, clients, update_gib[model])
-        if any(p["model"] == model and "skipped" in p for p in points):
+        copies = STREAMING_COPIES_PER_CLIENT if server == "streaming" else COPIES_PER_CLIENT
+        projection = projected_gib(measured, clients, update_gib[model], copies)
+        if any("skipped" in p for p in same):
             point["skipped"] = f"not run: a smaller T of {model} was over the memory budget"
             points.append(point)
             continue
@@ -522,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "local_steps": args.local_steps,
             "batch_size": args.batch_size,
             "data_paths": [str(p) for p in data[:clients]],
-            "results_dir": str(work / "runs" / f"{model}-{clients}"),
+            "results_dir": str(work / "runs" / f"{model}-{clients}-{server}"),
+            "streaming": server == "streaming",
         }
         try:
             point.update(measure_point(spec, args.point_timeout, args.memory_budget_gib + 2))
@@ -530,20 +624,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             point["skipped"] = str(error)
             points.append(point)
             continue
-        point["model"] = model
+        point["model"], point["server"] = model, server
         points.append(point)
         last = steady(point)
         tqdm.write(
-            f"{model} T={clients}: steady round {last['round_seconds']:.1f} s, peak used "
+            f"{model} T={clients} {server}: steady round {last['round_seconds']:.1f} s, peak used "
             f"+{point['peak_used_rise_gib']:.2f} GiB, driver {point['driver_peak_rss_gib']:.2f} GiB"
         )
-        shutil.rmtree(work / "runs" / f"{model}-{clients}", ignore_errors=True)  # T checkpoints
+        shutil.rmtree(work / "runs" / f"{model}-{clients}-{server}", ignore_errors=True)
     print(table(points))
     report = {
         "settings": {
             key: getattr(args, key)
             for key in ("rounds", "local_steps", "batch_size", "rows", "memory_budget_gib")
         },
+        "command": " ".join(["python", "benchmarks/bench_scale.py", *(argv or sys.argv[1:])]),
+        "comparison": comparison(points),
         "cpus": os.cpu_count(),
         "points": points,
     }

@@ -16,6 +16,10 @@ A client is bound to one task by its node's ``partition-id`` (t = partition-id).
 - ``evaluate``: the loss and accuracy of the received model on its task's val or test split
   (shared-head: the one task's).
 
+With ``adapter = "lora"`` (a suite key, fl_sim/suites/lora.py) the suite's model carries LoRA
+adapters and Δ_t is ΔW_t = (α/r)·B_t·A_t per target module (``adapter-federation = "dense"``)
+or the adapters' change (ΔA_t, ΔB_t) (``"adapter"``); nothing else of the handlers changes.
+
 Everything the client needs arrives in the message's ConfigRecord (the server parsed the run
 config once), so it runs the same under run_simulation, ``flwr run`` and deployment. The task
 suite is built from the message's suite keys (``fl_sim.suites.registry.build_suite``: suite,

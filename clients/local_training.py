@@ -6,7 +6,10 @@ with the schedule's η_t⁽ᵏ⁾ (clients/schedules.py), the client's optimizer
 without replacement from shuffled epochs of the client's training set by a torch.Generator seeded
 from (knobs.seed, round_index). Same inputs give a bit-identical Δ_t on the CPU (the caller fixes
 the number of torch threads). The heads are frozen; only the backbone moves (and, with a shared
-head, that head: ``federated_parameters``).
+head, that head: ``federated_parameters``). With LoRA adapters (``adapter = "lora"``,
+fl_sim/suites/lora.py) only the adapters A, B move, and Δ_t is ΔW_t = (α/r)·B_t·A_t per target
+(``adapter-federation = "dense"``) or (A_t − Aʳ, B_t − Bʳ) (``"adapter"``); the minibatches and
+LoRA dropout (torch's global RNG, seeded here and restored after) are seeded as above.
 
 The training set is the suite's ``training_groups(t)``: groups (s, x, y) of task s's examples
 (only (t, train split) unless ``mixing`` > 0), N = Σ_g n_g examples in all, numbered 0..N−1 in
@@ -39,6 +42,7 @@ from fl_sim.suites.base import (
     load_federated_state,
     training_loss,
 )
+from fl_sim.suites.lora import LoraTaskModel
 
 
 @dataclass
@@ -123,22 +127,27 @@ def fine_tune(
     generator = torch.Generator().manual_seed(generator_seed(knobs.seed, round_index))
     batch_size = num_examples if full_batch else knobs.batch_size
     batches = minibatches(num_examples, batch_size, generator)
-    for eta in etas:
-        for group in optimizer.param_groups:
-            group["lr"] = eta
-        index = next(batches)
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss(model, groups, offsets, index).backward()
-        optimizer.step()
+    with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's global RNG
+        torch.manual_seed(generator_seed(knobs.seed, round_index))
+        for eta in etas:
+            for group in optimizer.param_groups:
+                group["lr"] = eta
+            index = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss(model, groups, offsets, index).backward()
+            optimizer.step()
 
-    theta_t = federated_state(model)
-    # integer buffers are carried as values: the engine copies them and checks they are unchanged
-    update = {
-        name: (theta_t[name] - theta_r[name])
-        if theta_r[name].is_floating_point()
-        else theta_t[name]
-        for name in theta_r
-    }
+    if isinstance(model, LoraTaskModel):  # dense: ΔW = (α/r)·B·A; adapter: ΔA, ΔB
+        update = model.client_update(theta_r)
+    else:
+        theta_t = federated_state(model)
+        # integer buffers are carried as values: the engine copies them, checks them unchanged
+        update = {
+            name: (theta_t[name] - theta_r[name])
+            if theta_r[name].is_floating_point()
+            else theta_t[name]
+            for name in theta_r
+        }
     lr_sum = a_norm_of("lr-sum", etas, knobs.optimizer, knobs.momentum)
     return LocalResult(
         update=update,

@@ -40,6 +40,7 @@ from clients.knobs import TrainingKnobs, knobs_to_config
 from clients.local_training import LocalResult, fine_tune
 from fl_sim.outputs import read_json, write_atomically, write_json
 from fl_sim.suites.base import TaskSuite
+from fl_sim.suites.lora_settings import ADAPTER_KEYS, adapter_enabled
 
 CACHE_VERSION = 1  # bump when local training changes what it returns for the same inputs
 _log = logging.getLogger(__name__)
@@ -129,14 +130,25 @@ def key_material(
     full_batch: bool,
     global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, object]:
-    """Everything Δ_t depends on; its canonical JSON's SHA-256 is the cache key."""
+    """Everything Δ_t depends on; its canonical JSON's SHA-256 is the cache key.
+
+    The LoRA keys (``adapter``, ``lora-*``, ``adapter-federation``) are in it when
+    ``adapter = "lora"``, so a LoRA run never reuses a full fine-tuning Δ_t (nor one of another
+    rank, α, target set or federation mode); with ``adapter = "none"`` they are left out, so
+    full fine-tuning keys are those of before LoRA existed.
+    """
     identity = suite_identity(suite)
+    lora = adapter_enabled(suite_config)
     return {
         "cache_version": CACHE_VERSION,
         "fl_sim": fl_sim.__version__,
         "torch": torch.__version__,
         "suite": suite.name,
-        "suite_config": {key: suite_config[key] for key in sorted(suite_config)},
+        "suite_config": {
+            key: suite_config[key]
+            for key in sorted(suite_config)
+            if lora or key not in ADAPTER_KEYS
+        },
         "suite_seed": suite.seed,
         "model": {k: identity[k] for k in ("class", "model", "model_sha256")},
         "task": task_index,

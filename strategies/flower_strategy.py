@@ -6,6 +6,16 @@
 knows node → task from the clients' partition ids, and gives each task's own knobs through
 ``client_config``), collects Δ_t, records failed clients, and calls the same
 ``aggregate_model(inputs="updates")`` as an offline ``fl-sim merge``, on the server device.
+
+The streaming server (``AggregationSettings.streaming``, run-config ``server-streaming``, the
+default; docs/design.md, "The streaming server") takes replies as they arrive (``train_round``:
+``Grid.push_messages``, then ``Grid.pull_messages`` until every reply is in or the round's
+timeout has passed) and, once a reply is checked, folds its Δ_t into a running float64 sum (the
+linear rules, strategies/round_accumulator.py) or spills it to a safetensors file that the
+engine reads back memory-mapped (the other rules, and round 1, whose Δ_t the recorder reads one
+by one; strategies/spill.py), then drops the message: the server never holds T replies. Spill
+files go when the round ends, also when it fails. Without it a round is Flower's
+``send_and_receive`` and ``aggregate_train`` on every reply at once.
 It receives the run's rule section (strategies/rule_section.py: the rule, its knobs, β or λ, the
 grids) and the aggregation settings, nothing else of the run config. Every registered rule
 (strategies/registry.py) gets its class, ``STRATEGIES[name]``, derived from its spec:
@@ -42,6 +52,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
@@ -58,15 +69,18 @@ from fl_sim.errors import FlSimError
 from strategies.cclip import next_center
 from strategies.heterogeneity import chi_square, effective_weights
 from strategies.registry import RULES, RuleConfig, make_rule, rule_spec
-from strategies.rule import Rule, client_weights
+from strategies.round_accumulator import LinearFold, fold_factor
+from strategies.rule import Chunk, Rule, client_weights
 from strategies.rule_section import RuleSection
 from strategies.server_step import SelectServerLr, ServerLrCandidate, server_step
+from strategies.spill import SpilledUpdate, SpillFolder
 from strategies.streaming import AggregationOptions, TensorPlan, aggregate_model, resolve_device
 
-UpdatesCallback = Callable[[int, dict[int, dict[str, torch.Tensor]]], None]
+UpdatesCallback = Callable[[int, dict[int, Mapping[str, torch.Tensor]]], None]
 ConfigValue = bool | int | float | str
 # (task t, round) → what client t gets in that round's ConfigRecord (its knobs, the suite, faults)
 ClientConfig = Callable[[int, int], Mapping[str, ConfigValue]]
+PULL_INTERVAL = 0.1  # s between pulls of a streaming round (InMemoryGrid's own pull_interval)
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,8 @@ class AggregationSettings:
 
     device: str = "auto"  # auto, cpu or cuda (strategies/streaming.py resolve_device)
     min_clients: int = 0  # a round goes on if at least this many replied (0 = all)
+    streaming: bool = True  # take replies as they arrive: fold or spill each (module docstring)
+    spill_dir: str = ""  # the run's scratch folder for spill files ('' = a temporary folder)
 
 
 class FederationError(FlSimError):
@@ -124,6 +140,33 @@ class RoundRecord:
         return asdict(self)
 
 
+@dataclass
+class Delivery:
+    """What a streaming round keeps of one valid reply once its Δ_t is folded or spilled."""
+
+    task: int
+    metrics: dict[str, object]
+    update_norm: float  # ‖Δ_t‖₂
+
+
+@dataclass
+class RoundIntake:
+    """One streaming round's replies so far: the running fold or the spill files."""
+
+    fold: LinearFold | None = None
+    spill: SpillFolder | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+    answered: set[int] = field(default_factory=set)  # node ids that replied, usable or not
+    sent_to: dict[str, int] | None = None  # message id → node id, once the messages are pushed
+    seconds: float = 0.0  # folding or spilling, on arrival
+
+    def close(self) -> None:
+        """Remove the spill files (success or failure) and drop the fold."""
+        if self.spill is not None:
+            self.spill.remove()
+        self.fold = None
+
+
 class RuleStrategy(Strategy):
     """The Flower side shared by every rule; subclasses set ``rule_name`` and their knobs."""
 
@@ -140,6 +183,7 @@ class RuleStrategy(Strategy):
         evaluate_on_clients: bool = False,
         on_updates: UpdatesCallback | None = None,
         select_server_lr: SelectServerLr | None = None,
+        wants_updates: Callable[[int], bool] | None = None,
     ) -> None:
         if rule.strategy != self.rule_name:
             raise FlSimError(
@@ -155,6 +199,8 @@ class RuleStrategy(Strategy):
         self.evaluate_on_clients = evaluate_on_clients
         self.on_updates = on_updates
         self.select_server_lr = select_server_lr
+        # the rounds whose individual Δ_t ``on_updates`` reads (None: every round)
+        self.wants_updates = wants_updates
         self.rounds: list[RoundRecord] = []
         self.failures: list[ClientFailure] = []
         self._theta: dict[str, torch.Tensor] = {}
@@ -235,9 +281,11 @@ class RuleStrategy(Strategy):
         first_round: int = 1,
     ) -> Result:
         """Flower's ``Strategy.start`` loop, able to resume: rounds ``first_round``..R from
-        ``initial_arrays`` = θ^(first_round − 1) (round 0 is evaluated only from θ₀)."""
+        ``initial_arrays`` = θ^(first_round − 1) (round 0 is evaluated only from θ₀). With
+        ``streaming`` (the default) every training round takes its replies as they arrive
+        (``train_round``); without it, round 1 onwards is Flower's own loop."""
         self._query_timeout = timeout
-        if first_round == 1:
+        if first_round == 1 and not self.settings.streaming:
             return super().start(
                 grid,
                 initial_arrays,
@@ -247,18 +295,23 @@ class RuleStrategy(Strategy):
                 evaluate_config,
                 evaluate_fn,
             )
-        log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
+        if first_round == 1:
+            log(INFO, "Starting %s strategy (streaming server):", type(self).__name__)
+        else:
+            log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
         self.summary()
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result()
         result.arrays = arrays = initial_arrays
+        if first_round == 1 and evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
         for current_round in range(first_round, num_rounds + 1):
-            replies = grid.send_and_receive(
-                messages=self.configure_train(current_round, arrays, train_config, grid),
-                timeout=timeout,
+            merged, train_metrics = self.train_round(
+                current_round, grid, arrays, train_config, timeout
             )
-            merged, train_metrics = self.aggregate_train(current_round, replies)
             if merged is not None:
                 result.arrays = arrays = merged
             if train_metrics is not None:
@@ -275,6 +328,45 @@ class RuleStrategy(Strategy):
                 if res is not None:
                     result.evaluate_metrics_serverapp[current_round] = res
         return result
+
+    def train_round(
+        self,
+        server_round: int,
+        grid: Grid,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One training round. Streaming: push every node its message, then pull replies as
+        they arrive until all are in or ``timeout`` s have passed (``Grid.send_and_receive``'s
+        semantics), each one validated and folded or spilled on arrival, then released.
+        Otherwise ``send_and_receive`` and ``aggregate_train`` on every reply at once."""
+        messages = self.configure_train(server_round, arrays, config, grid)
+        if not self.settings.streaming:
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
+            return self.aggregate_train(server_round, replies)
+        if not hasattr(grid, "push_messages"):  # a grid that only sends and receives (tests)
+            return self.aggregate_train(
+                server_round, grid.send_and_receive(messages=messages, timeout=timeout)
+            )
+        intake = self._open_intake(server_round)
+        try:
+            pending = {str(i) for i in grid.push_messages(messages) if i}
+            del messages  # self._messages keeps them, for the reply → node mapping
+            deadline = time.time() + timeout
+            interval = float(getattr(grid, "pull_interval", PULL_INTERVAL))
+            while pending and time.time() < deadline:
+                pulled = deque(grid.pull_messages(pending))
+                while pulled:
+                    reply = pulled.popleft()
+                    pending.discard(reply.metadata.reply_to_message_id)
+                    self._take_reply(server_round, intake, reply)
+                    del reply  # its Δ_t is folded or on disk: nothing keeps the message
+                if pending:
+                    time.sleep(interval)
+            return self._finish_intake(server_round, intake, time.time())
+        finally:
+            intake.close()
 
     def summary(self) -> None:
         log(
@@ -317,8 +409,18 @@ class RuleStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """θʳ⁺¹ = θʳ + β·A over the clients that delivered; failures recorded."""
+        """θʳ⁺¹ = θʳ + β·A over the clients that delivered; failures recorded. With
+        ``streaming`` the replies go one by one through the streaming round's intake (folded or
+        spilled, as ``train_round`` does with replies pulled as they arrive)."""
         received_at = time.time()
+        if self.settings.streaming:
+            intake = self._open_intake(server_round)
+            try:
+                for reply in replies:
+                    self._take_reply(server_round, intake, reply)
+                return self._finish_intake(server_round, intake, received_at)
+            finally:
+                intake.close()
         valid = self._valid_replies(server_round, replies, phase="train")
         self._require_enough(server_round, len(valid))
         valid.sort(key=lambda item: item[0])
@@ -353,7 +455,34 @@ class RuleStrategy(Strategy):
             seconds = 0.0
         seconds += time.perf_counter() - start
         self.after_round(self._theta, merged, beta)
+        record = self._record_round(
+            server_round,
+            tasks,
+            metrics,
+            p,
+            beta,
+            [update_norm(u) for u in updates],
+            rule.summary(),
+            seconds,
+            received_at,
+        )
+        return tensors_to_record(merged), self._round_summary(record, p)
 
+    def _record_round(
+        self,
+        server_round: int,
+        tasks: list[int],
+        metrics: Sequence[Mapping[str, object]],
+        p: list[float],
+        beta: float,
+        norms: list[float],
+        rule_summary: dict[str, object],
+        seconds: float,
+        received_at: float,
+    ) -> RoundRecord:
+        """This round's RoundRecord, appended to ``rounds`` (clients in task order)."""
+        num_examples = [int(m["num-examples"]) for m in metrics]
+        a_norm = [float(m["a-norm"]) for m in metrics]
         w = effective_weights(p, a_norm)
         self.rounds.append(
             RoundRecord(
@@ -368,10 +497,10 @@ class RuleStrategy(Strategy):
                 lr_sum=[float(m["a-norm-lr-sum"]) for m in metrics],
                 effective_weights=w,
                 chi_square=chi_square(p, w),
-                update_norms=[update_norm(u) for u in updates],
+                update_norms=norms,
                 loss_before=[float(m["loss-before"]) for m in metrics],
                 loss_after=[float(m["loss-after"]) for m in metrics],
-                rule_summary=rule.summary(),
+                rule_summary=rule_summary,
                 aggregation_seconds=seconds,
                 failures=sum(f.round == server_round for f in self.failures),
                 cached=[bool(m.get("cached", 0)) for m in metrics],
@@ -389,29 +518,34 @@ class RuleStrategy(Strategy):
                 ),
             )
         )
-        record = self.rounds[-1]
-        summary = MetricRecord(
+        return self.rounds[-1]
+
+    def _round_summary(self, record: RoundRecord, p: list[float]) -> MetricRecord:
+        """The round's MetricRecord for Flower's Result (p-weighted losses, χ², timing)."""
+        seconds = record.aggregation_seconds
+        return MetricRecord(
             {
-                "clients": len(tasks),
+                "clients": len(record.clients),
                 "loss-before": sum(x * q for x, q in zip(record.loss_before, p, strict=True)),
                 "loss-after": sum(x * q for x, q in zip(record.loss_after, p, strict=True)),
                 "chi-square": record.chi_square if math.isfinite(record.chi_square) else -1.0,
                 "aggregation-seconds": seconds,
             }
         )
-        return tensors_to_record(merged), summary
 
     def _aggregate(
         self,
         server_round: int,
         rule: Rule,
         tasks: list[int],
-        updates: list[dict[str, torch.Tensor]],
+        updates: Sequence[Mapping[str, torch.Tensor]],
         beta: float,
         *,
         zero_base: bool,
     ) -> dict[str, torch.Tensor]:
-        """θʳ + β·A through ``aggregate_model``; ``zero_base``: A·β alone (θʳ's integers kept)."""
+        """θʳ + β·A through ``aggregate_model``; ``zero_base``: A·β alone (θʳ's integers kept).
+        Spilled updates (strategies/spill.py) have their pages released after every chunk, so
+        the engine holds T chunks of them at a time, not T models."""
         theta = self._theta
 
         def base(name: str) -> torch.Tensor:
@@ -425,12 +559,135 @@ class RuleStrategy(Strategy):
             device=self.device,
             client_names=[f"client {t} (round {server_round})" for t in tasks],
         )
+        spilled = [u for u in updates if isinstance(u, SpilledUpdate)]
+
+        def release(plan: TensorPlan, chunk: Chunk, pass_index: int) -> None:
+            # after every chunk: the pages read so far go, and a later pass reads them back from
+            # the page cache, so the engine holds T chunks of the files, not T tensors
+            for update in spilled:
+                update.release(plan.name)
+
         return {
             name: tensor.clone()
             for name, tensor in aggregate_model(
-                rule, plans, base, [u.__getitem__ for u in updates], options
+                rule,
+                plans,
+                base,
+                [u.__getitem__ for u in updates],
+                options,
+                on_chunk_done=release if spilled else None,
             )
         }
+
+    # -- the streaming round (``AggregationSettings.streaming``) ----------------------------
+
+    def _wants_updates(self, server_round: int) -> bool:
+        """Whether ``on_updates`` reads this round's individual Δ_t."""
+        if self.on_updates is None:
+            return False
+        return self.wants_updates is None or self.wants_updates(server_round)
+
+    def _open_intake(self, server_round: int) -> RoundIntake:
+        """Fold (a linear rule, no one reading the Δ_t alone) or spill (the rest)."""
+        if self.spec.linear and not self._wants_updates(server_round):
+            return RoundIntake(fold=LinearFold(self._theta, self.device))
+        return RoundIntake(spill=SpillFolder(self.settings.spill_dir or None, server_round))
+
+    def _take_reply(self, server_round: int, intake: RoundIntake, msg: Message) -> None:
+        """Validate one reply (as ``_valid_replies``), then fold or spill its Δ_t, keeping only
+        its metrics and ‖Δ_t‖₂; a bad reply becomes a failure and is neither folded nor spilled."""
+        if intake.sent_to is None:  # message ids exist once the grid has pushed the messages
+            intake.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
+        node_id, t, reason = self._check_reply(msg, ("arrays", "metrics"), intake.sent_to, "train")
+        intake.answered.add(node_id)
+        if reason is not None or t is None:
+            self._fail(server_round, "train", node_id, t, str(reason))
+            return
+        metrics = dict(msg.content["metrics"])
+        update = record_to_tensors(msg.content["arrays"])  # views of the reply's bytes
+        norm = update_norm(update)
+        start = time.perf_counter()
+        if intake.fold is not None:
+            factor = fold_factor(
+                int(metrics["num-examples"]),  # type: ignore[call-overload]
+                float(metrics["a-norm"]),  # type: ignore[arg-type]
+                weighted=self.rule.weighting == "examples",
+                normalised=self.spec.needs_a_norm,
+            )
+            intake.fold.add(t, factor, update, f"client {t} (round {server_round})")
+        else:
+            intake.spill.write(t, update)  # type: ignore[union-attr]
+        intake.seconds += time.perf_counter() - start
+        intake.deliveries.append(Delivery(t, metrics, norm))
+
+    def _finish_intake(
+        self, server_round: int, intake: RoundIntake, received_at: float
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """θʳ⁺¹ from the folded sum or the spill files; the same records as ``aggregate_train``."""
+        for node_id, t in self._sent.items():
+            if node_id not in intake.answered:
+                self._fail(server_round, "train", node_id, t, "no reply before the round's timeout")
+        self._require_enough(server_round, len(intake.deliveries))
+        deliveries = sorted(intake.deliveries, key=lambda d: d.task)
+        tasks = [d.task for d in deliveries]
+        metrics = [d.metrics for d in deliveries]
+        num_examples = [int(m["num-examples"]) for m in metrics]  # type: ignore[call-overload]
+        a_norm = [float(m["a-norm"]) for m in metrics]  # type: ignore[arg-type]
+
+        given = num_examples if self.rule.weighting == "examples" else None
+        p = client_weights(len(tasks), given).tolist()
+        rule_config = self.rule_config(given, a_norm, server_round)
+        rule = make_rule(rule_config, len(tasks), self.center())
+        fold = intake.fold
+        if fold is None:
+            updates = [intake.spill.open(t) for t in tasks]  # type: ignore[union-attr]
+            if self._wants_updates(server_round):  # before aggregating, as aggregate_train
+                self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))  # type: ignore[misc]
+
+            def aggregate(beta: float, zero_base: bool) -> dict[str, torch.Tensor]:
+                return self._aggregate(
+                    server_round, rule, tasks, updates, beta, zero_base=zero_base
+                )
+        else:
+            scale = fold.scale(tasks, rule.linear_coefficients())  # type: ignore[arg-type]
+
+            def aggregate(beta: float, zero_base: bool) -> dict[str, torch.Tensor]:
+                return fold.merged(scale, beta, zero_base=zero_base)
+
+        candidates = self.server_lr_candidates(len(tasks)) if server_round == 1 else []
+        start = time.perf_counter()
+        if candidates:
+            if self.select_server_lr is None:
+                raise FlSimError(
+                    "server-lr-grid / lambda-grid need a select_server_lr callback (the ServerApp)"
+                )
+            update = aggregate(1.0, True)  # A itself, then θ₀ + β·A per grid point
+            seconds = time.perf_counter() - start
+            beta = self.select_server_lr(self._theta, update, candidates).beta
+            start = time.perf_counter()
+            merged = server_step(self._theta, update, beta)
+            del update
+        else:
+            beta = self.server_lr(len(tasks))
+            merged = aggregate(beta, False)
+            seconds = 0.0
+        seconds += time.perf_counter() - start + intake.seconds  # + folding/spilling on arrival
+        self.after_round(self._theta, merged, beta)
+        record = self._record_round(
+            server_round,
+            tasks,
+            metrics,
+            p,
+            beta,
+            [d.update_norm for d in deliveries],
+            rule.summary(),
+            seconds,
+            received_at,
+        )
+        record_out = ArrayRecord()
+        for name in list(merged):  # θʳ⁺¹ into the record tensor by tensor: one model, not two
+            record_out.update(tensors_to_record({name: merged.pop(name)}))
+        return record_out, self._round_summary(record, p)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -489,30 +746,38 @@ class RuleStrategy(Strategy):
         # the SuperLink answers for a lost node from its own node id: map back by message id
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
         for msg in replies:
-            node_id = msg.metadata.src_node_id
-            if node_id not in self._sent:
-                node_id = sent_to.get(msg.metadata.reply_to_message_id, node_id)
+            node_id, t, reason = self._check_reply(msg, need, sent_to, phase)
             answered.add(node_id)
-            t = self._sent.get(node_id)
-            reason = None
-            if msg.has_error():
-                reason = f"error reply (code {msg.error.code}): {error_summary(msg.error.reason)}"
-            elif not msg.has_content():
-                reason = "reply without content"
-            elif missing := [key for key in need if key not in msg.content]:
-                reason = f"reply lacks {', '.join(repr(k) for k in missing)}"
-            elif phase == "train":
-                reason = self._check_update(msg.content["arrays"])
-            if t is None and reason is None:
-                reason = "reply from a node that was not sent this round's message"
-            if reason is None:
+            if reason is None and t is not None:
                 valid.append((t, msg))
             else:
-                self._fail(server_round, phase, node_id, t, reason)
+                self._fail(server_round, phase, node_id, t, str(reason))
         for node_id, t in self._sent.items():
             if node_id not in answered:
                 self._fail(server_round, phase, node_id, t, "no reply before the round's timeout")
         return valid
+
+    def _check_reply(
+        self, msg: Message, need: Sequence[str], sent_to: Mapping[str, int], phase: str
+    ) -> tuple[int, int | None, str | None]:
+        """(node id, task t, why the reply is unusable or None) of one reply: the node it
+        answers for (a reply from the SuperLink's node 1 is mapped back by message id)."""
+        node_id = msg.metadata.src_node_id
+        if node_id not in self._sent:
+            node_id = sent_to.get(msg.metadata.reply_to_message_id, node_id)
+        t = self._sent.get(node_id)
+        reason = None
+        if msg.has_error():
+            reason = f"error reply (code {msg.error.code}): {error_summary(msg.error.reason)}"
+        elif not msg.has_content():
+            reason = "reply without content"
+        elif missing := [key for key in need if key not in msg.content]:
+            reason = f"reply lacks {', '.join(repr(k) for k in missing)}"
+        elif phase == "train":
+            reason = self._check_update(msg.content["arrays"])
+        if t is None and reason is None:
+            reason = "reply from a node that was not sent this round's message"
+        return node_id, t, reason
 
     def _rejoin(self, server_round: int, grid: Grid) -> None:
         """Nodes not seen before report their partition id; a node of task t takes t over when
@@ -566,6 +831,11 @@ class RuleStrategy(Strategy):
         for name, array in arrays.items():
             # before aggregation: one NaN/Inf would poison every rule but median
             tensor = array_to_tensor(array)
+            if tensor.dtype != self._theta[name].dtype:
+                return (
+                    f"update {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                    f"the model's is {str(self._theta[name].dtype).removeprefix('torch.')}"
+                )
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 return f"non-finite update (NaN or Inf in {name!r})"
         return None

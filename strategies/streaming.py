@@ -146,15 +146,20 @@ def aggregate_model(
     *,
     statistics: UpdateStatistics | None = None,
     on_tensor_done: Callable[[TensorPlan, int], None] | None = None,
+    on_chunk_done: Callable[[TensorPlan, Chunk, int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, θ'[name])`` in ``plans`` order.
 
     The yielded tensor is a view of a reused buffer on the CPU, valid until the next item:
     write it out or ``clone()`` it. ``on_tensor_done(plan, pass_index)`` is called after each
-    tensor of each pass (progress bars, releasing memory-mapped pages).
+    tensor of each pass (progress bars, releasing memory-mapped pages); ``on_chunk_done(plan,
+    chunk, pass_index)`` after each chunk of each float tensor (a streaming server releases the
+    spill files' pages chunk by chunk, so T inputs cost T chunks of memory, not T tensors).
     """
     with intra_op_threads(options.device):
-        yield from _aggregate_model(rule, plans, base, clients, options, statistics, on_tensor_done)
+        yield from _aggregate_model(
+            rule, plans, base, clients, options, statistics, on_tensor_done, on_chunk_done
+        )
 
 
 def _aggregate_model(
@@ -165,6 +170,7 @@ def _aggregate_model(
     options: AggregationOptions,
     statistics: UpdateStatistics | None,
     on_tensor_done: Callable[[TensorPlan, int], None] | None,
+    on_chunk_done: Callable[[TensorPlan, Chunk, int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     num_clients = len(clients)
     device = options.device
@@ -214,6 +220,8 @@ def _aggregate_model(
             theta0, inputs = load(plan)
             for chunk in chunks(plan):
                 rule.observe(pass_index, chunk, fill_deltas(plan, theta0, inputs, chunk))
+                if on_chunk_done:
+                    on_chunk_done(plan, chunk, pass_index)
             if on_tensor_done:
                 on_tensor_done(plan, pass_index)
         rule.end_pass(pass_index)
@@ -270,6 +278,8 @@ def _aggregate_model(
                 raise_non_finite(plan, chunk, [theta0, *inputs], [options.base_name, *names], beta)
             if not in_place:
                 target.copy_(merged)
+            if on_chunk_done:
+                on_chunk_done(plan, chunk, rule.num_passes - 1)
         if on_tensor_done:
             on_tensor_done(plan, rule.num_passes - 1)
         yield plan.name, out.view(plan.shape)

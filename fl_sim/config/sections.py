@@ -16,6 +16,7 @@ from clients.fault_injection import parse_byzantine, parse_crash, parse_slow
 from clients.knobs import PRESETS
 from fl_sim.config.keys import ConfigValue, check_at_least, check_choice, key_metadata
 from fl_sim.errors import ConfigError
+from fl_sim.suites.lora_settings import lora_settings
 from fl_sim.suites.registry import check_suite_config
 from strategies.registry import PAPER_RULES, RULE_NAMES
 from strategies.server_step import parse_grid
@@ -280,8 +281,9 @@ class SuiteSection:
         metadata=key_metadata(
             "model",
             "the pre-trained model: '' = the suite's default (digits: vit-digits; text, local: "
-            "minilm); vit-digits (digits), minilm, hf:PATH (a local Hugging Face folder; text, "
-            "local), clip:PATH (a local CLIP folder; local image tasks)",
+            "minilm; causal: llama-tiny); vit-digits (digits), minilm, hf:PATH (a local Hugging "
+            "Face folder; text, local, causal), clip:PATH (a local CLIP folder; local image "
+            "tasks), llama-tiny, gpt2-tiny (causal: small decoders fl-sim pre-trains itself)",
             kind="str",
         ),
     )
@@ -298,9 +300,9 @@ class SuiteSection:
         default="",
         metadata=key_metadata(
             "federated-layers",
-            "text and local suites: the encoder part that is trained and merged: '' = the "
-            "suite's default (CLIP: all; others: the top 2 layers), an integer k (the top k "
-            "layers) or all",
+            "text, local and causal suites: the encoder (causal: decoder) part that is trained "
+            "and merged: '' = the suite's default (CLIP: all; others: the top 2 layers, and for "
+            "causal the final norm and lm_head), an integer k (the top k layers) or all",
             kind="layers",
         ),
     )
@@ -388,6 +390,64 @@ class SuiteSection:
             kind="float",
         ),
     )
+    causal_metric: str = field(
+        default="token",
+        metadata=key_metadata(
+            "causal-metric",
+            "task-suite=causal: the accuracy of an answer, teacher-forced on its span: token = "
+            "the share of its tokens (and end of sequence) predicted right; exact = 1 when all "
+            "are (what greedy decoding would answer exactly)",
+            kind="str",
+        ),
+    )
+
+    adapter: str = field(
+        default="none",
+        metadata=key_metadata(
+            "adapter",
+            "none = full fine-tuning of the federated part; lora = clients train LoRA adapters "
+            "(peft) on the target modules of the federated part, W' = W + (α/r)·B·A, and only "
+            "those move (transformer suites: digits, text, local, ...)",
+            kind="str",
+        ),
+    )
+    lora_rank: int = field(
+        default=8,
+        metadata=key_metadata("lora-rank", "adapter=lora: r, the rank of B·A", kind="int"),
+    )
+    lora_alpha: float = field(
+        default=16.0,
+        metadata=key_metadata("lora-alpha", "adapter=lora: α, B·A is scaled by α/r", kind="float"),
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata=key_metadata(
+            "lora-dropout",
+            "adapter=lora: dropout on the adapters' input in training, in [0, 1)",
+            kind="float",
+        ),
+    )
+    lora_target_modules: str = field(
+        default="",
+        metadata=key_metadata(
+            "lora-target-modules",
+            "adapter=lora: comma list of module-name suffixes of the Linear (or GPT-2 Conv1D) "
+            "modules of the federated part to adapt; '' = the model family's attention "
+            "projections (query,value for BERT/MiniLM; q_proj,v_proj for Llama and ViT; c_attn "
+            "for GPT-2)",
+            kind="str",
+        ),
+    )
+    adapter_federation: str = field(
+        default="dense",
+        metadata=key_metadata(
+            "adapter-federation",
+            "adapter=lora: what is federated; dense = the targets' weights W (a client sends "
+            "ΔW = (α/r)·B·A, every rule merges W as for full fine-tuning); adapter = A and B, "
+            "aggregated separately (FedIT; the global model is W₀ + (α/r)·B·A)",
+            kind="str",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_at_least("num-tasks", self.num_tasks, 1)
@@ -400,6 +460,7 @@ class SuiteSection:
         if self.seed > MAX_SEED:
             raise ConfigError(f"seed must be an integer ≤ {MAX_SEED}, got {self.seed}")
         check_suite_config(self.suite_config())
+        lora_settings(self.suite_config())  # adapter and lora-* (the model's checks: at build)
 
     def suite_config(self) -> dict[str, ConfigValue]:
         """The keys a client needs to build the same task suite as the server
@@ -420,6 +481,13 @@ class SuiteSection:
             "quadratic-spread": self.quadratic_spread,
             "quadratic-curvature-spread": self.quadratic_curvature_spread,
             "quadratic-noise": self.quadratic_noise,
+            "causal-metric": self.causal_metric,
+            "adapter": self.adapter,
+            "lora-rank": self.lora_rank,
+            "lora-alpha": self.lora_alpha,
+            "lora-dropout": self.lora_dropout,
+            "lora-target-modules": self.lora_target_modules,
+            "adapter-federation": self.adapter_federation,
         }
 
 
@@ -546,6 +614,17 @@ class EngineSection:
             "threads the server evaluates on, each with its own model copy and one torch "
             "thread (0 = one per core this process may use; 1 = serial, torch's own threads)",
             kind="int",
+        ),
+    )
+    server_streaming: bool = field(
+        default=True,
+        metadata=key_metadata(
+            "server-streaming",
+            "take the clients' replies as they arrive: fold each Δ_t into a running sum "
+            "(fedavg, task_arithmetic, fednova) or spill it to results-dir/spill (the other "
+            "rules; every rule in round 1), so server memory does not grow with the clients; "
+            "false: hold every reply until the round aggregates",
+            kind="bool",
         ),
     )
 

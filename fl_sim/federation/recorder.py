@@ -32,6 +32,7 @@ from strategies.rule import client_weights
 from strategies.server_step import ServerLrCandidate, search_server_lr, server_step
 
 QUADRATIC_FILE = "quadratic.safetensors"
+MODEL_FOLDERS = "hf"  # results-dir/hf/<name>: Hugging Face folders of a suite that writes them
 
 
 class RunRecorder:
@@ -142,6 +143,8 @@ class RunRecorder:
         state = record_to_tensors(arrays)  # type: ignore[arg-type]
         evaluations = self.evaluate(state)
         self.evaluations[server_round] = evaluations
+        if server_round == self.config.rule.num_rounds:  # the final model
+            self.write_model_folder("global", state)
         theory_metrics = getattr(self.suite, "theory_metrics", None)
         if theory_metrics is not None:
             self.theory[server_round] = theory_metrics(
@@ -171,32 +174,47 @@ class RunRecorder:
             weights[t] = float(w)
         return weights
 
+    @staticmethod
+    def wants_client_updates(server_round: int) -> bool:
+        """The rounds whose individual Δ_t ``client_updates`` reads: round 1 only (a streaming
+        server folds the other rounds' updates of a linear rule without keeping them)."""
+        return server_round == 1
+
     def client_updates(
-        self, server_round: int, updates: dict[int, dict[str, torch.Tensor]]
+        self, server_round: int, updates: Mapping[int, Mapping[str, torch.Tensor]]
     ) -> None:
         """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits);
-        an evaluation task's fine-tuned figures are the mean over its clients'."""
-        if server_round != 1:
+        an evaluation task's fine-tuned figures are the mean over its clients'. The clients go
+        ``workers`` at a time (one model each), so the server never holds T models: the updates
+        may be memory-mapped spill files (strategies/spill.py)."""
+        if not self.wants_client_updates(server_round):
             return
         folder = self.out / "clients"
         folder.mkdir(parents=True, exist_ok=True)
-        clients, states = [], []
-        for t, update in sorted(updates.items()):
-            theta_t = {
-                name: (self.theta0[name] + delta) if delta.is_floating_point() else delta.clone()
-                for name, delta in update.items()
-            }
-            save_tensors(folder / f"client_{t}.safetensors", theta_t)
-            self.client_files.append(f"clients/client_{t}.safetensors")
-            clients.append(t)
-            states.append(theta_t)
-        start = time.perf_counter()
-        jobs = [Job(i, self.suite.eval_task_of(t), SPLITS) for i, t in enumerate(clients)]
-        for t, figures in zip(clients, self.evaluator.evaluate(states, jobs), strict=True):
-            for split in SPLITS:
-                loss, accuracy = figures[split]
-                self.client_finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
-        self.client_evaluation_seconds += time.perf_counter() - start
+        ordered = sorted(updates.items())
+        workers = max(self.evaluator.workers, 1)
+        for first in range(0, len(ordered), workers):
+            clients, states = [], []
+            for t, update in ordered[first : first + workers]:
+                theta_t = {
+                    name: (self.theta0[name] + delta)
+                    if delta.is_floating_point()
+                    else delta.clone()
+                    for name, delta in update.items()
+                }
+                save_tensors(folder / f"client_{t}.safetensors", theta_t)
+                self.write_model_folder(f"client_{t}", theta_t)
+                self.client_files.append(f"clients/client_{t}.safetensors")
+                clients.append(t)
+                states.append(theta_t)
+            start = time.perf_counter()
+            jobs = [Job(i, self.suite.eval_task_of(t), SPLITS) for i, t in enumerate(clients)]
+            for t, figures in zip(clients, self.evaluator.evaluate(states, jobs), strict=True):
+                for split in SPLITS:
+                    loss, accuracy = figures[split]
+                    self.client_finetuned[split][t] = {"loss": loss, "accuracy": accuracy}
+            self.client_evaluation_seconds += time.perf_counter() - start
+            del states
         for split in SPLITS:
             by_task: dict[int, list[dict[str, float]]] = {}
             for t, figures in sorted(self.client_finetuned[split].items()):
@@ -279,10 +297,20 @@ class RunRecorder:
 
     def write_problem(self) -> None:
         """A suite with ``problem_tensors`` (the quadratic suite): its problem (c, h, θ₀, p) to
-        results-dir/quadratic.safetensors, atomically, so the trajectory can be recomputed."""
+        results-dir/quadratic.safetensors, atomically, so the trajectory can be recomputed; a
+        suite with ``save_model_folder``: θ₀ as the folder hf/base (``write_model_folder``)."""
         problem = getattr(self.suite, "problem_tensors", None)
         if problem is not None:
             save_tensors(self.out / QUADRATIC_FILE, problem(self.client_weights()))
+        self.write_model_folder("base", self.theta0)
+
+    def write_model_folder(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """A suite with ``save_model_folder`` (the causal suite): the whole model at ``state``
+        as the Hugging Face folder results-dir/hf/<name> (base, client_<t>: θ₀ + Δ_t of round
+        1, global: the final model), replaced atomically; other suites write nothing."""
+        save = getattr(self.suite, "save_model_folder", None)
+        if save is not None:
+            save(dict(state), self.out / MODEL_FOLDERS / name, force=True)
 
     def measure_diagnostics(self, label: str, state: Mapping[str, torch.Tensor]) -> None:
         """ζ² at ``state`` under ``label`` ("round_0", "final"); off with diagnostic-batch = 0."""
@@ -409,12 +437,29 @@ class RunRecorder:
                 ),
             },
             "evaluation_cache": dict(self.evaluator.stats),
+            # adapter=lora: targets, rank and bytes per client and round (fl_sim/suites/lora.py)
+            **(
+                {"lora": self.suite.adapter_report()}
+                if hasattr(self.suite, "adapter_report")
+                else {}
+            ),
             "files": {
                 "global_model": "global_model.safetensors" if status == "completed" else None,
                 "base": "base.safetensors",
                 "clients": self.client_files,
                 "train_meta": "clients/train_meta.json" if self.client_files else None,
                 **({"quadratic": QUADRATIC_FILE} if hasattr(self.suite, "problem_tensors") else {}),
+                **(
+                    {
+                        "hf_folders": sorted(
+                            f"{MODEL_FOLDERS}/{p.name}"
+                            for p in folders.iterdir()
+                            if not p.name.startswith(".")  # a folder being written
+                        )
+                    }
+                    if (folders := self.out / MODEL_FOLDERS).is_dir()
+                    else {}
+                ),
             },
         }
 

@@ -135,7 +135,12 @@ def strategy_for(
             "slow-seconds": faults.slow.get(t, 0.0),
         }
 
-    settings = AggregationSettings(config.engine.server_device, config.engine.min_clients)
+    settings = AggregationSettings(
+        config.engine.server_device,
+        config.engine.min_clients,
+        streaming=config.engine.server_streaming,
+        spill_dir=str(Path(config.output.results_dir) / "spill"),
+    )
     evaluate_config = {**suite, "eval-split": config.output.eval_split}
     return make_strategy(
         config.rule,
@@ -168,6 +173,7 @@ def run_federation(
         node_tasks,
         on_updates=recorder.client_updates,
         select_server_lr=recorder.select_server_lr,
+        wants_updates=recorder.wants_client_updates,
     )
     checkpoint = read_checkpoint(out, config) if config.output.resume else None
     if checkpoint is None:

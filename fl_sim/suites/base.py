@@ -115,15 +115,20 @@ class MultiTaskModel(nn.Module):
             modules[SHARED_HEAD_PREFIX] = self.heads[0]
         return modules
 
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What local training moves: the federated modules' trainable parameters (a model
+        with LoRA adapters, fl_sim/suites/lora.py: the adapters)."""
+        return [
+            p
+            for module in self.federated_modules().values()
+            for p in module.parameters()
+            if p.requires_grad
+        ]
+
 
 def federated_parameters(model: MultiTaskModel) -> list[nn.Parameter]:
-    """The parameters local training moves: the federated modules' trainable ones."""
-    return [
-        p
-        for module in model.federated_modules().values()
-        for p in module.parameters()
-        if p.requires_grad
-    ]
+    """The parameters local training moves (``MultiTaskModel.trained_parameters``)."""
+    return model.trained_parameters()
 
 
 def _federated_tensors(model: MultiTaskModel) -> dict[str, torch.Tensor]:

@@ -9,13 +9,16 @@ every message's ConfigRecord; the ServerApp and every client call ``build_suite`
 update cache puts it in its key, so all of them train and evaluate the same tasks, data split
 and model:
 
-    task-suite        toy | digits | text | local | quadratic
+    task-suite        toy | digits | text | local | quadratic | causal
     num-tasks         T, one client per task (shared-head: the number of clients C)
     suite-seed        θ₀ and the data splits
     model             '' = the suite's default; vit-digits (digits); minilm, hf:PATH (text,
-                      local); clip:PATH (local images)
+                      local); clip:PATH (local images); llama-tiny, gpt2-tiny, hf:PATH (causal)
     data-paths        local only: comma list of files/folders, one task each
-    federated-layers  text/local: '' = the suite's default, an integer k (the top k layers) or all
+    federated-layers  text/local/causal: '' = the suite's default, an integer k (the top k
+                      layers) or all
+    causal-metric     causal only: exact (the answer matched whole) or token (the share of
+                      answer tokens right) (fl_sim/suites/causal_lm.py)
     frozen-prefix-cache
                       text/local: true = compute the frozen layers' output under the federated
                       top k once per suite and train/evaluate from it (fl_sim/suites/pretrained.py)
@@ -39,6 +42,7 @@ from collections.abc import Callable, Mapping
 
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite
+from fl_sim.suites.lora_settings import ADAPTER_DEFAULTS, adapter_enabled
 from fl_sim.suites.quadratic import QuadraticSuite, check_quadratic
 from fl_sim.suites.toy import ToySuite
 
@@ -63,18 +67,25 @@ def _local_suite(**kwargs: object) -> TaskSuite:
     return LocalSuite(**kwargs)
 
 
+def _causal_suite(**kwargs: object) -> TaskSuite:
+    from fl_sim.suites.causal_lm import CausalSuite
+
+    return CausalSuite(**kwargs)
+
+
 SUITES: dict[str, Callable[..., TaskSuite]] = {
     "toy": ToySuite,
     "digits": _digits_suite,
     "text": _text_suite,
     "local": _local_suite,
     "quadratic": QuadraticSuite,
+    "causal": _causal_suite,
 }
 
 
 def make_suite(name: str, *, mixing: float = 0.0, **kwargs: object) -> TaskSuite:
-    """The suite registered as ``name`` ("toy", "digits", "text", "local", "quadratic"), built
-    with ``kwargs``.
+    """The suite registered as ``name`` ("toy", "digits", "text", "local", "quadratic",
+    "causal"), built with ``kwargs``.
 
     The text and local suites take ``model=`` "minilm", "hf:PATH" or "clip:PATH" (a local
     folder; see fl_sim/suites/encoders.py); local takes ``paths=[one per task]``.
@@ -113,6 +124,8 @@ SUITE_DEFAULTS: dict[str, ConfigValue] = {
     "quadratic-spread": 1.0,
     "quadratic-curvature-spread": 4.0,
     "quadratic-noise": 0.0,
+    "causal-metric": "token",
+    **ADAPTER_DEFAULTS,  # adapter, lora-*: LoRA clients (fl_sim/suites/lora_settings.py)
 }
 QUADRATIC_KEYS = (
     "quadratic-dim",
@@ -128,7 +141,9 @@ SUITE_MODELS = {  # model specs each suite takes ('' = its default); prefixes en
     "text": ("", "minilm", "hf:"),
     "local": ("", "minilm", "hf:", "clip:"),
     "quadratic": ("",),
+    "causal": ("", "llama-tiny", "gpt2-tiny", "hf:"),
 }
+CAUSAL_METRICS = ("token", "exact")
 
 
 def complete(config: Mapping[str, object]) -> dict[str, ConfigValue]:
@@ -192,6 +207,7 @@ def check_suite_config(config: Mapping[str, object]) -> None:
         )
     check_mixing(c["mixing"])
     _check_quadratic_keys(c, suite, shared)
+    _check_causal_keys(c, suite, shared)
     alpha, task = float(c["dirichlet-alpha"]), int(c["dirichlet-task"])  # type: ignore[arg-type]
     if not (math.isfinite(alpha) and alpha >= 0):
         raise ConfigError(
@@ -227,6 +243,24 @@ def _check_quadratic_keys(c: Mapping[str, object], suite: str, shared: bool) -> 
     check_quadratic(*(c[key] for key in QUADRATIC_KEYS))
 
 
+def _check_causal_keys(c: Mapping[str, object], suite: str, shared: bool) -> None:
+    """causal-metric: one of CAUSAL_METRICS, for task-suite=causal, which has no shared head."""
+    metric = c["causal-metric"]
+    if metric not in CAUSAL_METRICS:
+        raise ConfigError(
+            f"causal-metric must be one of {', '.join(CAUSAL_METRICS)}, got {metric!r} "
+            "(set causal-metric=token)"
+        )
+    if suite != "causal" and metric != SUITE_DEFAULTS["causal-metric"]:
+        raise ConfigError(
+            f"causal-metric is for task-suite=causal, not {suite}: drop it or set task-suite=causal"
+        )
+    if suite == "causal" and shared:
+        raise ConfigError(
+            "task-suite=causal has no heads to share (the LM writes every answer): drop shared-head"
+        )
+
+
 def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
     """How many tasks a suite can have (toy: any number)."""
     if suite == "digits":
@@ -239,12 +273,20 @@ def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
         return len(TEXT_TASKS)
     if suite == "local":
         return len(paths)
+    if suite == "causal":
+        from fl_sim.suites.causal_data import MAX_TASKS as CAUSAL_TASKS
+
+        return CAUSAL_TASKS
     return math.inf
 
 
 def build_suite(config: Mapping[str, object]) -> TaskSuite:
     """The task suite of the suite keys in ``config`` (module docstring); checked first."""
     check_suite_config(config)
+    if adapter_enabled(config):  # the base suite with LoRA adapters (fl_sim/suites/lora.py)
+        from fl_sim.suites.lora import lora_suite
+
+        return lora_suite(build_suite({**config, "adapter": "none"}), config)
     c = complete(config)
     name, shared = str(c["task-suite"]), bool(c["shared-head"])
     num_tasks, task = int(c["num-tasks"]), int(c["dirichlet-task"])  # type: ignore[call-overload]
@@ -256,6 +298,8 @@ def build_suite(config: Mapping[str, object]) -> TaskSuite:
         kwargs["federated_layers"] = layers
     if name in ("text", "local") and not c["frozen-prefix-cache"]:  # on: the suites' default
         kwargs["frozen_prefix_cache"] = False
+    if name == "causal":
+        kwargs["metric"] = str(c["causal-metric"])
     if name == "quadratic":
         dim, spread, curvature, noise = (c[key] for key in QUADRATIC_KEYS)
         kwargs.update(dim=dim, spread=spread, curvature_spread=curvature, noise=noise)

@@ -30,25 +30,17 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fl_sim.errors import ConfigError
-from fl_sim.outputs import read_json, write_atomically, write_json
 from fl_sim.suites import digits_data
-
-try:  # POSIX; elsewhere parallel first runs may pre-train more than once (still correct)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from fl_sim.suites.weights_cache import cached_weights
 
 CODE_VERSION = 1  # bump when pre-training or the encoder changes, so old caches are rebuilt
 MODEL_NAME = "vit-digits"
@@ -208,38 +200,6 @@ class Pretrained:
 _MEMORY: dict[tuple[str, str], Pretrained] = {}
 
 
-def _read_verified(weights: Path, sidecar: Path, key: str) -> tuple[dict, dict] | None:
-    """(tensors, sidecar) if both files exist and match ``key`` and the recorded hash."""
-    if not (weights.is_file() and sidecar.is_file()):
-        return None
-    try:
-        meta = read_json(sidecar)
-        payload = weights.read_bytes()
-        if meta.get("key") != key:
-            _log.warning("vit-digits cache %s has another key: pre-training again", weights)
-            return None
-        if meta.get("weights_sha256") != hashlib.sha256(payload).hexdigest():
-            _log.warning("vit-digits cache %s fails its SHA-256: pre-training again", weights)
-            return None
-        return load_safetensors(payload), meta
-    except (OSError, ValueError, AttributeError) as error:
-        _log.warning("vit-digits cache %s unreadable (%s): pre-training again", weights, error)
-        return None
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def pretrained(
     spec: ViTDigitsSpec | None = None, seed: int = 0, cache_dir: str | os.PathLike | None = None
 ) -> Pretrained:
@@ -251,29 +211,17 @@ def pretrained(
     if (key, str(directory)) in _MEMORY:
         found = _MEMORY[(key, str(directory))]
         return Pretrained(**{**found.__dict__, "source": "memory"})
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{MODEL_NAME}-{key[:16]}.safetensors"
-    sidecar = weights.with_suffix(".json")
-    with _locked(directory / f"{MODEL_NAME}-{key[:16]}.lock"):
-        verified = _read_verified(weights, sidecar, key)
-        if verified is not None:
-            tensors, meta = verified
-            source, seconds = "disk", float(meta.get("pretrain_seconds", 0.0))
-        else:
-            pool = digits_data.pretrain_indices(len(images))
-            start = time.perf_counter()
-            tensors = pretrain(spec, seed, images[pool], digits[pool])
-            seconds = time.perf_counter() - start
-            payload = save_safetensors(tensors, metadata={"key": key})
-            write_atomically(weights, payload, fsync=True)
-            meta = {
-                "key": key,
-                "key_material": key_material(spec, seed, digits_data.data_hash(images, digits)),
-                "weights_sha256": hashlib.sha256(payload).hexdigest(),
-                "pretrain_seconds": round(seconds, 3),
-            }
-            write_json(sidecar, meta, sort_keys=True, fsync=True)
-            source = "pretrained"
+    pool = digits_data.pretrain_indices(len(images))
+    cached = cached_weights(
+        directory,
+        f"{MODEL_NAME}-{key[:16]}",
+        key,
+        key_material(spec, seed, digits_data.data_hash(images, digits)),
+        lambda: pretrain(spec, seed, images[pool], digits[pool]),
+        MODEL_NAME,
+    )
+    tensors, weights = dict(cached.tensors), cached.path
+    source, seconds = cached.source, cached.pretrain_seconds
     prototypes = tensors.pop(PROTOTYPES)
     result = Pretrained(tensors, prototypes, key, weights, source, seconds)
     _MEMORY[(key, str(directory))] = result
