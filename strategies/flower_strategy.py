@@ -427,33 +427,14 @@ class RuleStrategy(Strategy):
         tasks = [t for t, _ in valid]
         metrics = [msg.content["metrics"] for _, msg in valid]
         updates = [record_to_tensors(msg.content["arrays"]) for _, msg in valid]
-        num_examples = [int(m["num-examples"]) for m in metrics]
-        a_norm = [float(m["a-norm"]) for m in metrics]
-
-        given = num_examples if self.rule.weighting == "examples" else None
-        p = client_weights(len(valid), given).tolist()
-        rule_config = self.rule_config(given, a_norm, server_round)
-        rule = make_rule(rule_config, len(valid), self.center())
+        p, rule = self._round_rule(server_round, metrics)
         if self.on_updates is not None:  # before aggregating: a β search needs the clients' θ_t
             self.on_updates(server_round, dict(zip(tasks, updates, strict=True)))
-        candidates = self.server_lr_candidates(len(valid)) if server_round == 1 else []
-        start = time.perf_counter()
-        if candidates:
-            if self.select_server_lr is None:
-                raise FlSimError(
-                    "server-lr-grid / lambda-grid need a select_server_lr callback (the ServerApp)"
-                )
-            # A itself: the engine from a zero base with β = 1, then θ₀ + β·A per grid point
-            update = self._aggregate(server_round, rule, tasks, updates, 1.0, zero_base=True)
-            seconds = time.perf_counter() - start
-            beta = self.select_server_lr(self._theta, update, candidates).beta  # grid or beyond
-            start = time.perf_counter()
-            merged = server_step(self._theta, update, beta)
-        else:
-            beta = self.server_lr(len(valid))
-            merged = self._aggregate(server_round, rule, tasks, updates, beta, zero_base=False)
-            seconds = 0.0
-        seconds += time.perf_counter() - start
+
+        def aggregate(beta: float, zero_base: bool) -> dict[str, torch.Tensor]:
+            return self._aggregate(server_round, rule, tasks, updates, beta, zero_base=zero_base)
+
+        merged, beta, seconds = self._server_step(server_round, len(valid), aggregate)
         self.after_round(self._theta, merged, beta)
         record = self._record_round(
             server_round,
@@ -631,13 +612,7 @@ class RuleStrategy(Strategy):
         deliveries = sorted(intake.deliveries, key=lambda d: d.task)
         tasks = [d.task for d in deliveries]
         metrics = [d.metrics for d in deliveries]
-        num_examples = [int(m["num-examples"]) for m in metrics]  # type: ignore[call-overload]
-        a_norm = [float(m["a-norm"]) for m in metrics]  # type: ignore[arg-type]
-
-        given = num_examples if self.rule.weighting == "examples" else None
-        p = client_weights(len(tasks), given).tolist()
-        rule_config = self.rule_config(given, a_norm, server_round)
-        rule = make_rule(rule_config, len(tasks), self.center())
+        p, rule = self._round_rule(server_round, metrics)
         fold = intake.fold
         if fold is None:
             updates = [intake.spill.open(t) for t in tasks]  # type: ignore[union-attr]
@@ -654,24 +629,8 @@ class RuleStrategy(Strategy):
             def aggregate(beta: float, zero_base: bool) -> dict[str, torch.Tensor]:
                 return fold.merged(scale, beta, zero_base=zero_base)
 
-        candidates = self.server_lr_candidates(len(tasks)) if server_round == 1 else []
-        start = time.perf_counter()
-        if candidates:
-            if self.select_server_lr is None:
-                raise FlSimError(
-                    "server-lr-grid / lambda-grid need a select_server_lr callback (the ServerApp)"
-                )
-            update = aggregate(1.0, True)  # A itself, then θ₀ + β·A per grid point
-            seconds = time.perf_counter() - start
-            beta = self.select_server_lr(self._theta, update, candidates).beta
-            start = time.perf_counter()
-            merged = server_step(self._theta, update, beta)
-            del update
-        else:
-            beta = self.server_lr(len(tasks))
-            merged = aggregate(beta, False)
-            seconds = 0.0
-        seconds += time.perf_counter() - start + intake.seconds  # + folding/spilling on arrival
+        merged, beta, seconds = self._server_step(server_round, len(tasks), aggregate)
+        seconds += intake.seconds  # + folding/spilling on arrival
         self.after_round(self._theta, merged, beta)
         record = self._record_round(
             server_round,
@@ -688,6 +647,42 @@ class RuleStrategy(Strategy):
         for name in list(merged):  # θʳ⁺¹ into the record tensor by tensor: one model, not two
             record_out.update(tensors_to_record({name: merged.pop(name)}))
         return record_out, self._round_summary(record, p)
+
+    def _round_rule(
+        self, server_round: int, metrics: Sequence[MetricRecord]
+    ) -> tuple[list[float], Rule]:
+        """p_t of the delivering clients (uniform, or by their examples) and the rule built for
+        them (FedNova's ‖a_t‖₁ included), in task order."""
+        num_examples = [int(m["num-examples"]) for m in metrics]  # type: ignore[call-overload]
+        a_norm = [float(m["a-norm"]) for m in metrics]  # type: ignore[arg-type]
+        given = num_examples if self.rule.weighting == "examples" else None
+        p = client_weights(len(metrics), given).tolist()
+        rule_config = self.rule_config(given, a_norm, server_round)
+        return p, make_rule(rule_config, len(metrics), self.center())
+
+    def _server_step(
+        self,
+        server_round: int,
+        num_clients: int,
+        aggregate: Callable[[float, bool], dict[str, torch.Tensor]],
+    ) -> tuple[dict[str, torch.Tensor], float, float]:
+        """(θʳ⁺¹, β, seconds): θʳ + β·A with ``aggregate(β, zero_base)``; in round 1 with a β
+        grid, A itself (zero base, β = 1) and θ₀ + β·A at the β the search selects."""
+        candidates = self.server_lr_candidates(num_clients) if server_round == 1 else []
+        start = time.perf_counter()
+        if not candidates:
+            beta = self.server_lr(num_clients)
+            return aggregate(beta, False), beta, time.perf_counter() - start
+        if self.select_server_lr is None:
+            raise FlSimError(
+                "server-lr-grid / lambda-grid need a select_server_lr callback (the ServerApp)"
+            )
+        update = aggregate(1.0, True)  # A itself, then θ₀ + β·A per grid point
+        seconds = time.perf_counter() - start
+        beta = self.select_server_lr(self._theta, update, candidates).beta  # grid or beyond
+        start = time.perf_counter()
+        merged = server_step(self._theta, update, beta)
+        return merged, beta, seconds + time.perf_counter() - start
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
