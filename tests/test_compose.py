@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -340,7 +341,17 @@ def run_on_stack(stack: Stack, values: dict[str, object], name: str, out: Path) 
     except subprocess.TimeoutExpired:
         pytest.fail(f"flwr run took over {FLWR_RUN_TIMEOUT} s:\n{stack.logs()[-6000:]}")
     seconds = time.monotonic() - start
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    # `flwr run --stream` exits 0 once the stream ends, finished or not, completed or failed:
+    # the run's own status is what counts (as tests/helpers.py flwr_run does on loopback)
+    found = re.search(r"Successfully started run (\d+)", log)
+    assert found, log[-3000:]
+    status, details = run_status(stack, int(found.group(1)))
+    assert status == "finished:completed", (
+        f"run {found.group(1)} is {status!r} after {seconds:.0f} s: {details}\n{log[-3000:]}\n"
+        f"{stack.logs('superexec-serverapp')[-4000:]}"
+    )
     container = stack.container("superexec-serverapp")
     copied = sh(["docker", "cp", f"{container}:/app/results/{name}", str(out)], 120, stack.env)
     assert copied.returncode == 0 and (out / "results.json").exists(), (
@@ -349,6 +360,21 @@ def run_on_stack(stack: Stack, values: dict[str, object], name: str, out: Path) 
     )
     print(f"flwr run {name} on the compose stack: {seconds:.0f} s")
     return out
+
+
+def run_status(stack: Stack, run_id: int, timeout: float = 180) -> tuple[str, str]:
+    """(status, status-details) of ``run_id`` from `flwr ls`, polled until ``finished:*``."""
+    deadline = time.monotonic() + timeout
+    status, details = "", ""
+    while time.monotonic() < deadline:
+        listed = stack.flwr("ls", FEDERATION, "--run-id", str(run_id), "--format", "json")
+        with contextlib.suppress(json.JSONDecodeError, KeyError, ValueError):
+            (row,) = json.loads(listed.stdout)["runs"]
+            status, details = str(row["status"]), str(row["status-details"])
+            if status.startswith("finished"):
+                break
+        time.sleep(1)
+    return status, details
 
 
 def assert_same_weights(deployed: Path, simulated: Path, rounds: int) -> None:
@@ -426,10 +452,12 @@ def test_compose_a_killed_supernode_is_recorded_and_its_restart_rejoins(stack, t
         except BaseException as error:  # pytest.fail included: re-raised below
             errors.append(error)
 
+    # the container's log holds the earlier tests' rounds too: wait for one more "ROUND 2]"
+    seen = container_log(stack, container).count("ROUND 2]")
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + FLWR_RUN_TIMEOUT
-    while "ROUND 2]" not in container_log(stack, container):
+    while container_log(stack, container).count("ROUND 2]") <= seen:
         assert thread.is_alive() and time.monotonic() < deadline, (
             f"supernode-1 never got its round-2 message: {errors}\n{stack.logs()[-4000:]}"
         )
