@@ -491,3 +491,27 @@ def assert_completed(run: FlwrRun, federation: Federation) -> None:
         f"flwr run exited {run.returncode} after {run.seconds:.1f} s, run {run.run_id} is "
         f"{run.status or '?'!r}: {run.details}\n{run.log[-3000:]}\n{federation.log_tails()}"
     )
+
+
+TINY_BERT_WORDS = (
+    "return", "the", "list", "of", "files", "open", "a", "class", "value", "name", "if"
+)  # fmt: skip
+
+
+def save_tiny_bert(folder: Path) -> Path:
+    """A random 3-block BERT (seed 0) with a word-level tokenizer of TINY_BERT_WORDS, saved
+    as a local Hugging Face model folder at ``folder``."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_BERT_WORDS]
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+    )
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
+    return folder

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_BERT_WORDS, save_tiny_bert
 
 from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
@@ -28,7 +29,7 @@ from fl_sim.suites.registry import build_suite, check_suite_config, make_suite
 
 SMALL = {"tasks": ["arity", "visibility"], "train_per_class": 8, "eval_per_class": 6}
 SMALL_TOKENS = {**SMALL, "max_tokens": 24}
-WORDS = ("return", "the", "list", "of", "files", "open", "a", "class", "value", "name", "if")
+WORDS = TINY_BERT_WORDS
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
@@ -52,21 +53,7 @@ def minilm_pair():
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A random 3-block BERT with a word-level tokenizer, saved as a local model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-    )
-    BertModel(config).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import InProcessGrid
+from helpers import TINY_BERT_WORDS, InProcessGrid, save_tiny_bert
 from safetensors.torch import load_file
 from torch import nn
 
@@ -43,7 +43,7 @@ from strategies.rule import client_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
 
-WORDS = ("return", "the", "list", "of", "files", "open", "a", "class", "value", "name", "if")
+WORDS = TINY_BERT_WORDS
 SMALL = {"tasks": ["arity", "visibility"], "train_per_class": 8, "eval_per_class": 6}
 KNOBS = TrainingKnobs(lr=3e-2, local_steps=6, optimizer="adamw", batch_size=8)
 RANK, ALPHA = 2, 6.0
@@ -53,21 +53,7 @@ SCALING = ALPHA / RANK
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A random 3-block BERT with a word-level tokenizer, saved as a local model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-    )
-    BertModel(config).save_pretrained(folder)
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
