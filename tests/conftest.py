@@ -28,6 +28,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """``one_thread`` for a whole module, its module-scoped fixtures included: opt in with
+    ``pytestmark = pytest.mark.usefixtures("module_one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def isolated_cache(monkeypatch, tmp_path):
     """The update cache's default folder ($FL_SIM_CACHE) in this test's tmp_path."""

@@ -17,7 +17,7 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -69,12 +69,7 @@ ADAPTERS = (
 SUM_OF_RANKS = 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny tensors: one thread
 
 
 def randomize_lora(model: torch.nn.Module, seed: int, scale: float = 0.2) -> None:

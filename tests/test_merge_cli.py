@@ -17,7 +17,7 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +106,7 @@ def perturbed(tensors: dict[str, torch.Tensor], scale: float, seed: int) -> dict
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tensors here are tiny: intra-op threads only add barriers, slow on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ shard keeps to the limit, a failed merge leaves no folder, and sharded inputs (f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -38,12 +38,7 @@ SHARD = 10_000  # bytes: the tiny Llama (≈ 60 kB of float32) becomes several s
 INDEX = "model.safetensors.index.json"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")  # tiny tensors: one thread
 
 
 @pytest.fixture(scope="module")
