@@ -81,6 +81,7 @@ ConfigValue = bool | int | float | str
 # (task t, round) → what client t gets in that round's ConfigRecord (its knobs, the suite, faults)
 ClientConfig = Callable[[int, int], Mapping[str, ConfigValue]]
 PULL_INTERVAL = 0.1  # s between pulls of a streaming round (InMemoryGrid's own pull_interval)
+NODE_POLL_INTERVAL = 0.5  # s between looks at the connected nodes while a round waits for one
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class AggregationSettings:
     min_clients: int = 0  # a round goes on if at least this many replied (0 = all)
     streaming: bool = True  # take replies as they arrive: fold or spill each (module docstring)
     spill_dir: str = ""  # the run's scratch folder for spill files ('' = a temporary folder)
+    node_wait: float = 0.0  # s a round waits for its tasks' offline nodes before sending
 
 
 class FederationError(FlSimError):
@@ -384,13 +386,14 @@ class RuleStrategy(Strategy):
             sorted(self.node_tasks.values()),
         )
         log(INFO, "\t├── min-clients: %d (0 = all)", self.settings.min_clients)
+        log(INFO, "\t├── node-wait: %.0f s", self.settings.node_wait)
         log(INFO, "\t└── Aggregation device: %s", self.device)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node: θʳ and that client's own knobs."""
-        self._rejoin(server_round, grid)
+        self._await_nodes(server_round, grid)
         self._theta = record_to_tensors(arrays)  # read-only views of θʳ, no copy
         self._sent = dict(self.node_tasks)
         self._sent_at = time.time()
@@ -773,6 +776,43 @@ class RuleStrategy(Strategy):
         if t is None and reason is None:
             reason = "reply from a node that was not sent this round's message"
         return node_id, t, reason
+
+    def _await_nodes(self, server_round: int, grid: Grid) -> None:
+        """Before round r's messages: each task's node is online, or a new node takes the task
+        over (``_rejoin``). A task whose node is offline (lost, its SuperNode restarting) is
+        waited for up to ``node_wait`` s; past that the round is sent as it is, and the offline
+        node's message fails (recorded as any other failure)."""
+        self._rejoin(server_round, grid)
+        if grid is None or self.settings.node_wait <= 0 or not (missing := self._offline(grid)):
+            return
+        log(
+            INFO,
+            "round %d: waiting up to %.0f s (node-wait) for the nodes of tasks %s",
+            server_round,
+            self.settings.node_wait,
+            missing,
+        )
+        start = time.monotonic()
+        while missing and time.monotonic() - start < self.settings.node_wait:
+            time.sleep(NODE_POLL_INTERVAL)
+            self._rejoin(server_round, grid)
+            missing = self._offline(grid)
+        waited = time.monotonic() - start
+        if missing:
+            log(
+                WARNING,
+                "round %d: the nodes of tasks %s still offline after %.0f s: sent anyway",
+                server_round,
+                missing,
+                waited,
+            )
+        else:
+            log(INFO, "round %d: every task's node online after %.1f s", server_round, waited)
+
+    def _offline(self, grid: Grid) -> list[int]:
+        """Tasks t whose node is not among the grid's connected (online) nodes."""
+        connected = set(grid.get_node_ids())
+        return sorted(t for node_id, t in self.node_tasks.items() if node_id not in connected)
 
     def _rejoin(self, server_round: int, grid: Grid) -> None:
         """Nodes not seen before report their partition id; a node of task t takes t over when

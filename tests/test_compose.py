@@ -58,6 +58,8 @@ LOST_NODE_RUN = {
     "min-clients": 1,
     # above Flower's 60 s node expiry: the SuperLink's Node Unavailable reply ends round 2
     "round-timeout": 150.0,
+    # round 3 waits for the restarting node (back ~10-90 s after round 2's failure, with load)
+    "node-wait": 300.0,
 }
 FLWR_RUN_TIMEOUT = 600  # seconds; ~40 s on an idle 2-core machine, minutes when it is loaded
 BUILD_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
@@ -358,6 +360,7 @@ def run_on_stack(stack: Stack, values: dict[str, object], name: str, out: Path) 
         f"no results after {seconds:.0f} s ({copied.stderr}):\n"
         f"{(done.stdout + done.stderr)[-3000:]}\n{stack.logs('superexec-serverapp')[-4000:]}"
     )
+    (out / "flwr-run.log").write_text(log, encoding="utf-8")  # the ServerApp's streamed log
     print(f"flwr run {name} on the compose stack: {seconds:.0f} s")
     return out
 
@@ -437,9 +440,9 @@ def test_compose_a_killed_supernode_is_recorded_and_its_restart_rejoins(stack, t
     and goes on with min-clients = 1. With node authentication the restarted node may activate
     only once the SuperLink has marked its key offline; until then the container exits and
     `restart: on-failure` retries, and it comes back under the *same* node id (the key's), so
-    later rounds reach it again without a rejoin. Rounds that start before it is back fail fast
-    (the SuperLink answers at once for an offline node): every failure is that node's, in
-    consecutive rounds from round 2, and the last round trains both clients."""
+    later rounds reach it again without a rejoin. Round 3 starts while it is still offline and
+    waits for it (node-wait; without the wait its message would fail at once, the SuperLink
+    answering for an offline node): round 2 is the only failure, rounds 3-5 train both."""
     before = node_ids(stack)
     assert len(before) == T
     container = stack.container("supernode-1")
@@ -475,21 +478,17 @@ def test_compose_a_killed_supernode_is_recorded_and_its_restart_rejoins(stack, t
     results = json.loads((deployed / "results.json").read_text(encoding="utf-8"))
     assert results["status"] == "completed", results["error"]
     failures = results["failures"]
-    assert failures, "the killed node's round was not recorded as failed"
-    assert {(f["phase"], f["task"]) for f in failures} == {("train", 1)}, failures
+    assert [(f["round"], f["phase"], f["task"]) for f in failures] == [(2, "train", 1)], failures
     lost = {str(f["node_id"]) for f in failures}
-    assert len(lost) == 1 and lost <= before, (failures, before)
-    failed_rounds = [f["round"] for f in failures]
-    assert failed_rounds == list(range(2, 2 + len(failures))), failures
-    assert len(failures) < LOST_NODE_ROUNDS - 1, "the restarted node never trained again"
+    assert lost <= before, (failures, before)
     clients = [entry["training"]["clients"] for entry in results["rounds"][1:]]
-    assert len(clients) == LOST_NODE_ROUNDS
-    assert clients[0] == [0, 1] and clients[-1] == [0, 1], clients
-    assert all(clients[r - 1] == [0] for r in failed_rounds), clients
+    assert clients == [[0, 1], [0]] + [[0, 1]] * (LOST_NODE_ROUNDS - 2), clients
     wait_for(lambda: node_ids(stack) == before, 180, "not the same node ids online", stack)
     restarts = sh(["docker", "inspect", "-f", "{{.RestartCount}}", container], 60, stack.env)
+    streamed = (deployed / "flwr-run.log").read_text(encoding="utf-8")
+    waited = re.findall(r"round \d: (?:waiting|every task's node online|the nodes).*", streamed)
     print(
-        f"lost node {lost} failed rounds {failed_rounds}; clients per round {clients}; "
-        f"container restarts after the kill {restarts.stdout.strip()}; "
-        f"back online {time.monotonic() - killed_at:.0f} s after the kill (at the latest)"
+        f"lost node {lost}; clients per round {clients}; "
+        f"container restarts after the kill {restarts.stdout.strip()}; {waited}; "
+        f"run ended {time.monotonic() - killed_at:.0f} s after the kill"
     )

@@ -92,6 +92,8 @@ def test_fault_keys_parse_into_per_client_faults():
         ({"slow": "0:-1"}, "slow: seconds must be ≥ 0"),
         ({"slow": "0:inf"}, "needs a finite number"),
         ({"round-timeout": -1.0}, "round-timeout must be a finite number"),
+        ({"node-wait": -1.0}, "node-wait must be a finite number"),
+        ({"node-wait": float("nan")}, "node-wait must be a finite number"),
     ],
 )
 def test_bad_fault_keys_are_one_line_config_errors(values, message):

@@ -109,6 +109,70 @@ def test_a_lost_node_is_recorded_once_and_its_restart_rejoins(tmp_path, early):
     assert grid.queried.count(202) == 1  # the new node is asked once (before round 3, or 2)
 
 
+class OfflineGrid(InProcessGrid):
+    """Node 102 (task 2) is lost in round 2 and stays offline until ``offline_s`` seconds after
+    the server first looks at the connected nodes again (round 3 starts): not among
+    ``get_node_ids`` (the SuperLink lists online nodes only), and every message to it gets the
+    SuperLink's Node Unavailable reply. It then comes back under the *same* node id, as a
+    SuperNode with node authentication does (its id is its key's)."""
+
+    def __init__(self, offline_s: float) -> None:
+        super().__init__(3)
+        self.offline_s = offline_s
+        self.lost = False
+        self.back_at: float | None = None
+
+    def offline(self) -> bool:
+        return self.lost and (self.back_at is None or time.monotonic() < self.back_at)
+
+    def get_node_ids(self) -> list[int]:
+        if self.lost and self.back_at is None:
+            self.back_at = time.monotonic() + self.offline_s
+        return [node_id for node_id in self.contexts if node_id != 102 or not self.offline()]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            lost = msg.metadata.dst_node_id == 102 and msg.metadata.message_type == "train"
+            if lost and msg.metadata.group_id == "2" and not self.lost:
+                self.lost = True
+            elif not (msg.metadata.dst_node_id == 102 and self.offline()):
+                replies.extend(super().send_and_receive([msg], timeout=timeout))
+                continue
+            reply = Message(Error(NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            replies.append(reply)
+        return replies
+
+
+@pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
+@pytest.mark.parametrize(
+    ("node_wait", "failed_rounds"),
+    [(0.0, [2, 3]), (0.3, [2, 3]), (30.0, [2])],
+    ids=["no-wait", "wait-too-short", "wait"],
+)
+def test_a_round_waits_node_wait_seconds_for_an_offline_node(tmp_path, node_wait, failed_rounds):
+    """Round 3 starts while task 2's node is offline (for 1.5 s more): without node-wait, or
+    with too short a one, its message fails; with node-wait the round waits, and trains all."""
+    grid = OfflineGrid(offline_s=1.5)
+    cfg = config(
+        strategy="fedavg",
+        num_rounds=3,
+        min_clients=2,
+        node_wait=node_wait,
+        results_dir=str(tmp_path),
+    )
+    results = run_federation(grid, cfg)
+    assert results["status"] == "completed"
+    assert [(f["round"], f["node_id"], f["task"]) for f in results["failures"]] == [
+        (r, 102, 2) for r in failed_rounds
+    ]
+    assert all("Node Unavailable" in f["reason"] for f in results["failures"])
+    clients = [entry["training"]["clients"] for entry in results["rounds"][1:]]
+    assert clients == [[0, 1, 2]] + [[0, 1] if r in failed_rounds else [0, 1, 2] for r in (2, 3)]
+
+
 # ---------------------------------------------------------------------------------------------
 # On loopback: a real SuperNode SIGKILLed in round 2 and started again
 # ---------------------------------------------------------------------------------------------

@@ -582,6 +582,15 @@ class EngineSection:
             kind="float",
         ),
     )
+    node_wait: float = field(
+        default=0.0,
+        metadata=key_metadata(
+            "node-wait",
+            "seconds a round waits, before sending, for a task whose node is offline (lost, "
+            "restarting) to be back; then it is sent anyway and fails as usual (0 = no wait)",
+            kind="float",
+        ),
+    )
     server_device: str = field(
         default="auto",
         metadata=key_metadata(
@@ -635,6 +644,11 @@ class EngineSection:
             raise ConfigError(
                 f"round-timeout must be a finite number of seconds ≥ 0 (0 = Flower's default), "
                 f"got {self.round_timeout}"
+            )
+        if not (math.isfinite(self.node_wait) and self.node_wait >= 0):
+            raise ConfigError(
+                f"node-wait must be a finite number of seconds ≥ 0 (0 = no wait), "
+                f"got {self.node_wait}"
             )
         if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
             raise ConfigError(

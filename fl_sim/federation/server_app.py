@@ -139,6 +139,7 @@ def strategy_for(
         config.engine.server_device,
         config.engine.min_clients,
         streaming=config.engine.server_streaming,
+        node_wait=config.engine.node_wait,
         spill_dir=str(Path(config.output.results_dir) / "spill"),
     )
     evaluate_config = {**suite, "eval-split": config.output.eval_split}
