@@ -42,6 +42,7 @@ from helpers import (
 )
 
 from fl_sim.federation.server_app import run_federation
+from strategies.flower_strategy import FederationError
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant: the SuperLink's own replies come from it
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
@@ -171,6 +172,56 @@ def test_a_round_waits_node_wait_seconds_for_an_offline_node(tmp_path, node_wait
     assert all("Node Unavailable" in f["reason"] for f in results["failures"])
     clients = [entry["training"]["clients"] for entry in results["rounds"][1:]]
     assert clients == [[0, 1, 2]] + [[0, 1] if r in failed_rounds else [0, 1, 2] for r in (2, 3)]
+
+
+class QueryLossGrid(InProcessGrid):
+    """Node 102 (task 2) is lost while it is asked for its partition id: the SuperLink answers
+    that query with Node Unavailable (from its own node id), and 102 is offline for 0.5 s, then
+    back under the same node id."""
+
+    def __init__(self) -> None:
+        super().__init__(3)
+        self.queried: list[int] = []
+        self.back_at: float | None = None
+
+    def get_node_ids(self) -> list[int]:
+        offline = self.back_at is not None and time.monotonic() < self.back_at
+        return [node_id for node_id in self.contexts if not (offline and node_id == 102)]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout=None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            node_id = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "query":
+                self.queried.append(node_id)
+            if node_id == 102 and self.back_at is None:
+                self.back_at = time.monotonic() + 0.5
+                reply = Message(Error(NODE_UNAVAILABLE, "Error: Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(reply)
+            else:
+                replies.extend(super().send_and_receive([msg], timeout=timeout))
+        return replies
+
+
+@pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
+def test_a_node_lost_during_task_discovery_is_asked_again_within_node_wait(tmp_path):
+    grid = QueryLossGrid()
+    cfg = config(strategy="fedavg", num_rounds=1, node_wait=30.0, results_dir=str(tmp_path))
+    results = run_federation(grid, cfg)
+    assert results["status"] == "completed" and results["failures"] == []
+    assert results["rounds"][1]["training"]["clients"] == [0, 1, 2]
+    assert sorted(grid.queried) == [100, 101, 102, 102]  # only the lost node is asked again
+
+
+@pytest.mark.usefixtures("one_thread", "isolated_cache", "task_identity")
+def test_without_node_wait_a_node_lost_during_task_discovery_fails_the_run_by_its_id(tmp_path):
+    with pytest.raises(FederationError) as error:
+        run_federation(QueryLossGrid(), config(strategy="fedavg", results_dir=str(tmp_path)))
+    message = str(error.value)
+    assert message.startswith("node 102 failed the partition-id query: Error: Node Unavailable")
+    assert "set node-wait" in message
 
 
 # ---------------------------------------------------------------------------------------------

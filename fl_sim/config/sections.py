@@ -587,7 +587,8 @@ class EngineSection:
         metadata=key_metadata(
             "node-wait",
             "seconds a round waits, before sending, for a task whose node is offline (lost, "
-            "restarting) to be back; then it is sent anyway and fails as usual (0 = no wait)",
+            "restarting) to be back, then sends anyway; and how long a node lost while asked "
+            "for its partition id is asked again (0 = no wait: it fails at once)",
             kind="float",
         ),
     )

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from clients.knobs import knobs_to_config
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
@@ -50,9 +52,11 @@ from fl_sim.federation.round_checkpoint import read_checkpoint, write_checkpoint
 from fl_sim.outputs import write_atomically, write_csv, write_json
 from fl_sim.suites.registry import build_suite
 from strategies.flower_strategy import (
+    NODE_POLL_INTERVAL,
     AggregationSettings,
     FederationError,
     RuleStrategy,
+    error_summary,
     make_strategy,
 )
 
@@ -76,12 +80,72 @@ def make_sweep_server_app(
 
 
 def discover_tasks(
-    grid: Grid, num_tasks: int, timeout: float = NODE_WAIT_SECONDS
+    grid: Grid, num_tasks: int, timeout: float = NODE_WAIT_SECONDS, node_wait: float = 0.0
 ) -> dict[int, int]:
-    """node id → task t, from each node's partition-id; exactly one node per task."""
-    deadline = time.monotonic() + timeout
+    """node id → task t, from each node's partition-id; exactly one node per task. A node lost
+    while it is asked (an error reply, e.g. the SuperLink's Node Unavailable) fails the run,
+    unless ``node_wait`` > 0 (node-wait): then the nodes that have not answered, the restarted
+    node among them (same id with node authentication, a new one without), are asked again
+    until ``node_wait`` s have passed."""
+    node_tasks: dict[int, int] = {}
+    retry_until: float | None = None
+    while True:
+        wait_until = time.monotonic() + timeout if retry_until is None else retry_until
+        node_ids = online_nodes(grid, num_tasks, wait_until, timeout)
+        node_tasks = {node_id: t for node_id, t in node_tasks.items() if node_id in node_ids}
+        queries = [
+            Message(RecordDict(), node_id, MessageType.QUERY)
+            for node_id in node_ids
+            if node_id not in node_tasks
+        ]
+        replies = grid.send_and_receive(queries, timeout=timeout)
+        # the SuperLink answers for a lost node from its own id: map back by message id
+        sent_to = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in queries}
+        failed: dict[int, str] = {}
+        asked = {msg.metadata.dst_node_id for msg in queries}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            if node_id not in asked:
+                node_id = sent_to.get(reply.metadata.reply_to_message_id, node_id)
+            if reply.has_error():
+                failed[node_id] = reply.error.reason
+            else:
+                node_tasks[node_id] = int(reply.content["metrics"]["partition-id"])
+        if not failed:
+            break
+        node_id, reason = min(failed.items())
+        retry_until = time.monotonic() + node_wait if retry_until is None else retry_until
+        if time.monotonic() >= retry_until:
+            fix = (
+                f"still after node-wait = {node_wait:g} s"
+                if node_wait > 0
+                else "set node-wait = S to wait S seconds for a lost node to come back"
+            )
+            raise FederationError(
+                f"node {node_id} failed the partition-id query: {error_summary(reason)} ({fix})"
+            )
+        log(
+            WARNING,
+            "node %d failed the partition-id query (%s): asking again for up to %.0f s",
+            node_id,
+            error_summary(reason),
+            retry_until - time.monotonic(),
+        )
+        time.sleep(NODE_POLL_INTERVAL)
+    partitions = sorted(node_tasks.values())
+    if partitions != list(range(num_tasks)):
+        raise FederationError(
+            f"nodes report partition ids {partitions}, need each of 0..{num_tasks - 1} once "
+            "(start SuperNodes with distinct --node-config partition-id=<t>)"
+        )
+    return node_tasks
+
+
+def online_nodes(grid: Grid, num_tasks: int, wait_until: float, timeout: float) -> list[int]:
+    """The connected node ids, once there are ``num_tasks`` of them (polled until
+    ``wait_until``, a ``time.monotonic`` instant); more than ``num_tasks`` is an error."""
     while len(node_ids := sorted(grid.get_node_ids())) < num_tasks:
-        if time.monotonic() > deadline:
+        if time.monotonic() > wait_until:
             raise FederationError(
                 f"only {len(node_ids)} nodes connected within {timeout:.0f} s, "
                 f"num-tasks = {num_tasks} needs {num_tasks} (start more SuperNodes)"
@@ -92,22 +156,7 @@ def discover_tasks(
             f"the federation has {len(node_ids)} nodes but num-tasks = {num_tasks}: one node "
             f"per task (set num-supernodes = {num_tasks}, or num-tasks = {len(node_ids)})"
         )
-    queries = [Message(RecordDict(), node_id, MessageType.QUERY) for node_id in node_ids]
-    node_tasks: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            raise FederationError(
-                f"node {node_id} failed the partition-id query: {reply.error.reason}"
-            )
-        node_tasks[node_id] = int(reply.content["metrics"]["partition-id"])
-    partitions = sorted(node_tasks.values())
-    if partitions != list(range(num_tasks)):
-        raise FederationError(
-            f"nodes report partition ids {partitions}, need each of 0..{num_tasks - 1} once "
-            "(start SuperNodes with distinct --node-config partition-id=<t>)"
-        )
-    return node_tasks
+    return node_ids
 
 
 def strategy_for(
@@ -165,7 +214,7 @@ def run_federation(
     save_tensors(out / "base.safetensors", theta0)
 
     discovery = time.perf_counter()
-    node_tasks = discover_tasks(grid, suite.num_tasks)
+    node_tasks = discover_tasks(grid, suite.num_tasks, node_wait=config.engine.node_wait)
     recorder = RunRecorder(config, suite, theta0)
     recorder.discovery_seconds = time.perf_counter() - discovery
     recorder.write_problem()  # the quadratic suite's c, h, θ₀, p; other suites write nothing
