@@ -32,16 +32,11 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fl-sim-cache")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")
-def suite(cache_dir, one_thread) -> DigitsSuite:
+def suite(cache_dir, module_one_thread) -> DigitsSuite:
     vit_digits.forget_memory()
     suite = DigitsSuite(num_tasks=NUM_TASKS, seed=0, spec=SPEC, cache_dir=cache_dir)
     suite.build_model()

@@ -28,12 +28,7 @@ from fl_sim.suites.registry import make_suite
 WORDS = "a photo of the cat dog red blue square circle . return list files open"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")

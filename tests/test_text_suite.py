@@ -21,12 +21,7 @@ from fl_sim.suites.stdlib_text import TEXT_TASKS, text_tasks
 SMALL = {"train_per_class": 12, "eval_per_class": 10, "max_tokens": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
 @pytest.fixture(scope="module")
