@@ -169,6 +169,7 @@ def run_point(spec: Mapping[str, object]) -> dict[str, object]:
             "update-cache": False,
             "server-device": "cpu",
             "server-streaming": bool(spec.get("streaming", True)),
+            "save-clients": bool(spec.get("save_clients", True)),
             "results-dir": str(results_dir),
         }
     )
@@ -525,6 +526,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=18.0,
         help="skip points projected above it; kill a point whose used memory passes it + 2",
     )
+    parser.add_argument(
+        "--no-save-clients",
+        action="store_true",
+        help="save-clients = false: no T fine-tuned checkpoints on disk (T × the model's size; "
+        "64 BERT-base clients write 28 GB), so large T fit the disk",
+    )
     parser.add_argument("--point-timeout", type=float, default=1800.0, help="seconds per point")
     parser.add_argument("--work-dir", help="keep inputs and runs here (default: a temp dir)")
     parser.add_argument("--json", metavar="OUT", help="write every figure to OUT")
@@ -617,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data_paths": [str(p) for p in data[:clients]],
             "results_dir": str(work / "runs" / f"{model}-{clients}-{server}"),
             "streaming": server == "streaming",
+            "save_clients": not args.no_save_clients,
         }
         try:
             point.update(measure_point(spec, args.point_timeout, args.memory_budget_gib + 2))

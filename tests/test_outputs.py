@@ -179,6 +179,30 @@ def test_a_run_with_infinite_values_writes_strict_json_resumes_and_merges(tmp_pa
     assert_strict_json_files(tmp_path)
 
 
+def test_save_clients_false_writes_no_client_models_and_changes_no_result(tmp_path):
+    """save-clients = false: no clients/ folder (T model-sized files for a big model), the same
+    fine-tuned figures (the clients are still evaluated) and the same global model."""
+    runs = {}
+    for save in (True, False):
+        out = tmp_path / f"save-{save}"
+        knobs = {"strategy": "fedavg", "num_rounds": 2, "save_clients": save}
+        runs[save] = run_federation(InProcessGrid(3), config(**knobs, results_dir=str(out)))
+        assert runs[save]["status"] == "completed"
+        assert (out / "clients").exists() == save
+        assert len(runs[save]["files"]["clients"]) == (3 if save else 0)
+        assert (runs[save]["files"]["train_meta"] is not None) == save
+    kept, dropped = runs[True], runs[False]
+    assert dropped["finetuned"] == kept["finetuned"]
+    for ours, theirs in zip(dropped["rounds"], kept["rounds"], strict=True):
+        assert ours["splits"] == theirs["splits"]  # every task's figures on both splits
+    first = SafetensorsFile(tmp_path / "save-True" / "global_model.safetensors")
+    second = SafetensorsFile(tmp_path / "save-False" / "global_model.safetensors")
+    with first, second:
+        assert first.keys() == second.keys()
+        for name in first:
+            torch.testing.assert_close(first.get(name), second.get(name), rtol=0, atol=0)
+
+
 def test_a_sweep_over_an_infinite_tau_c_writes_strict_json_and_resumes_from_it(
     tmp_path, monkeypatch
 ):

@@ -696,6 +696,17 @@ class OutputSection:
             kind="int",
         ),
     )
+    save_clients: bool = field(
+        default=True,
+        metadata=key_metadata(
+            "save-clients",
+            "write each client's fine-tuned model θ₀ + Δ_t of round 1 (clients/client_<t>"
+            ".safetensors, and hf/client_<t> where the suite writes folders): T model-sized "
+            "files, what `fl-sim merge` redoes round 1 from; false for many clients of a big "
+            "model (the clients are still evaluated)",
+            kind="bool",
+        ),
+    )
     resume: bool = field(
         default=False,
         metadata=key_metadata(

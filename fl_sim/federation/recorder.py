@@ -183,14 +183,17 @@ class RunRecorder:
     def client_updates(
         self, server_round: int, updates: Mapping[int, Mapping[str, torch.Tensor]]
     ) -> None:
-        """Round 1: save θ₀ + Δ_t per client and evaluate it on its own task (both splits);
-        an evaluation task's fine-tuned figures are the mean over its clients'. The clients go
-        ``workers`` at a time (one model each), so the server never holds T models: the updates
-        may be memory-mapped spill files (strategies/spill.py)."""
+        """Round 1: save θ₀ + Δ_t per client (unless save-clients = false) and evaluate it on
+        its own task (both splits); an evaluation task's fine-tuned figures are the mean over
+        its clients'. The clients go ``workers`` at a time (one model each), so the server
+        never holds T models: the updates may be memory-mapped spill files (strategies/spill.py).
+        """
         if not self.wants_client_updates(server_round):
             return
+        save = self.config.output.save_clients
         folder = self.out / "clients"
-        folder.mkdir(parents=True, exist_ok=True)
+        if save:
+            folder.mkdir(parents=True, exist_ok=True)
         ordered = sorted(updates.items())
         workers = max(self.evaluator.workers, 1)
         for first in range(0, len(ordered), workers):
@@ -202,9 +205,10 @@ class RunRecorder:
                     else delta.clone()
                     for name, delta in update.items()
                 }
-                save_tensors(folder / f"client_{t}.safetensors", theta_t)
-                self.write_model_folder(f"client_{t}", theta_t)
-                self.client_files.append(f"clients/client_{t}.safetensors")
+                if save:
+                    save_tensors(folder / f"client_{t}.safetensors", theta_t)
+                    self.write_model_folder(f"client_{t}", theta_t)
+                    self.client_files.append(f"clients/client_{t}.safetensors")
                 clients.append(t)
                 states.append(theta_t)
             start = time.perf_counter()

@@ -268,7 +268,8 @@ def run_federation(
         raise
     finally:
         first = next((r for r in strategy.rounds if r.round == 1), None)
-        if first is not None:  # `fl-sim merge --train-meta`: one entry per client file, in order
+        # `fl-sim merge --train-meta`: one entry per client file, in order
+        if first is not None and config.output.save_clients:
             meta = [
                 {"task": t, "steps": float(k), "lr_sum": lr_sum}
                 for t, k, lr_sum in zip(first.clients, first.local_steps, first.lr_sum, strict=True)
