@@ -14,6 +14,7 @@ are token ids as before; (f) ``federated_layers = "all"`` keeps the full pass; t
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
+from fl_sim.suites import pretrained
 from fl_sim.suites.base import SPLITS, evaluate, federated_state, load_federated_state
 from fl_sim.suites.registry import build_suite, check_suite_config, make_suite
 
@@ -158,6 +160,25 @@ def test_minilm_heads_and_model_state_are_unchanged_by_the_cache(minilm_pair):
     for name in state:
         assert torch.equal(state[name], other[name]), name
     assert sorted(federated_state(cached_model)) == sorted(federated_state(full_model))
+
+
+def test_the_probes_are_fitted_once_per_model_and_head_data(monkeypatch):
+    """A server builds the same suite once per rule: the second build fits no probe and gets
+    the same heads (copies); other head data (another suite seed) fits its own."""
+    fits = []
+    fit = pretrained.probe_head
+    monkeypatch.setattr(pretrained, "probe_head", lambda *args: fits.append(1) or fit(*args))
+    monkeypatch.setattr(pretrained, "_PROBES", OrderedDict())
+    first = make_suite("text", **SMALL_TOKENS).build_model()
+    assert len(fits) == 2  # one per task
+    second = make_suite("text", **SMALL_TOKENS).build_model()
+    assert len(fits) == 2
+    for head, other in zip(first.heads, second.heads, strict=True):
+        assert head is not other
+        torch.testing.assert_close(head.weight, other.weight, rtol=0, atol=0)
+    reseeded = make_suite("text", seed=1, **SMALL_TOKENS).build_model()
+    assert len(fits) == 4
+    assert not torch.equal(reseeded.heads[0].weight, first.heads[0].weight)
 
 
 def test_minilm_training_and_evaluation_from_the_cache_match_the_full_pass(minilm_pair):

@@ -2,7 +2,8 @@
 
 The shared machinery of the ``text`` and ``local`` suites: raw inputs are prepared once (texts
 tokenized, images resized and normalised) and kept in memory; θ₀ is loaded once per suite and
-copied for every ``build_model``; the heads are built once from θ₀ and frozen:
+copied for every ``build_model``; the heads are built once from θ₀ and frozen (the probes once
+per process for the same model and head data, ``_PROBES``: every rule's suite shares them):
 
 - CLIP (``clip:PATH``) on images: zero-shot heads from the class names (the paper's setting);
 - every other encoder: a linear probe per task, fitted in closed form on θ₀'s features
@@ -66,6 +67,10 @@ PREFIX_MEMO_SUITES = 2  # suites whose cached prefixes a process keeps (the late
 # (model spec, first federated block, digest of the token ids) → every split's cached prefix:
 # a server that runs several rules builds the same suite once per rule, and computes it once
 _PREFIXES: OrderedDict[tuple[str, int, str], list[torch.Tensor]] = OrderedDict()
+# (model spec, digest of every task's head examples and labels) → the fitted linear probes
+# (θ₀'s full forward pass over the head pools): fitted once per process for every rule's
+# suite, as the prefixes are; ``build_model`` copies them, nothing writes to them
+_PROBES: OrderedDict[tuple[str, str], list[nn.Linear]] = OrderedDict()
 
 
 def _digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -187,13 +192,25 @@ class PretrainedSuite(TaskSuite):
                         )
                     self._heads.append(zero_shot_head(weights))
             else:
-                encoder = self.pretrained.encoder.eval()
-                with torch.no_grad():
-                    self._heads = [
-                        probe_head(encoder(x), y, task.num_classes)
-                        for (x, y), task in zip(self._head_data, self.tasks, strict=True)
-                    ]
+                self._heads = self._probes()
         return self._heads
+
+    def _probes(self) -> list[nn.Linear]:
+        """Task t's linear probe on θ₀'s features of its head examples (module docstring),
+        from ``_PROBES`` when a suite of the same model and head data fitted them."""
+        data = [tensor for pair in self._head_data for tensor in pair]
+        key = (str(self.pretrained.spec), _digest(data))
+        if key not in _PROBES:
+            encoder = self.pretrained.encoder.eval()
+            with torch.no_grad():
+                _PROBES[key] = [
+                    probe_head(encoder(x), y, task.num_classes)
+                    for (x, y), task in zip(self._head_data, self.tasks, strict=True)
+                ]
+            while len(_PROBES) > PREFIX_MEMO_SUITES:
+                _PROBES.popitem(last=False)
+        _PROBES.move_to_end(key)
+        return _PROBES[key]
 
     def build_model(self, seed: int | None = None) -> PretrainedTaskModel:
         heads = [copy.deepcopy(head) for head in self.heads()]
