@@ -53,7 +53,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import ClassVar
@@ -760,9 +760,7 @@ class RuleStrategy(Strategy):
     ) -> tuple[int, int | None, str | None]:
         """(node id, task t, why the reply is unusable or None) of one reply: the node it
         answers for (a reply from the SuperLink's node 1 is mapped back by message id)."""
-        node_id = msg.metadata.src_node_id
-        if node_id not in self._sent:
-            node_id = sent_to.get(msg.metadata.reply_to_message_id, node_id)
+        node_id = replied_for(msg, self._sent, sent_to)
         t = self._sent.get(node_id)
         reason = None
         if msg.has_error():
@@ -916,6 +914,16 @@ def busy_seconds(intervals: Sequence[tuple[float, float]], start: float, end: fl
             total += b - a
             reach = b
     return total
+
+
+def replied_for(msg: Message, sent_nodes: Container[int], sent_to: Mapping[str, int]) -> int:
+    """The node a reply answers for: its source when that is one of ``sent_nodes``, else (the
+    reply the SuperLink sends from its own node id for a lost node) the node the message went
+    to (``sent_to``: message id → node id)."""
+    node_id = msg.metadata.src_node_id
+    if node_id not in sent_nodes:
+        node_id = sent_to.get(msg.metadata.reply_to_message_id, node_id)
+    return node_id
 
 
 def error_summary(reason: str) -> str:

@@ -58,6 +58,7 @@ from strategies.flower_strategy import (
     RuleStrategy,
     error_summary,
     make_strategy,
+    replied_for,
 )
 
 RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, mean metrics)
@@ -101,12 +102,10 @@ def discover_tasks(
         replies = grid.send_and_receive(queries, timeout=timeout)
         # the SuperLink answers for a lost node from its own id: map back by message id
         sent_to = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in queries}
-        failed: dict[int, str] = {}
         asked = {msg.metadata.dst_node_id for msg in queries}
+        failed: dict[int, str] = {}
         for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if node_id not in asked:
-                node_id = sent_to.get(reply.metadata.reply_to_message_id, node_id)
+            node_id = replied_for(reply, asked, sent_to)
             if reply.has_error():
                 failed[node_id] = reply.error.reason
             else:
