@@ -780,8 +780,10 @@ class RuleStrategy(Strategy):
         over (``_rejoin``). A task whose node is offline (lost, its SuperNode restarting) is
         waited for up to ``node_wait`` s; past that the round is sent as it is, and the offline
         node's message fails (recorded as any other failure)."""
-        self._rejoin(server_round, grid)
-        if grid is None or self.settings.node_wait <= 0 or not (missing := self._offline(grid)):
+        connected = self._rejoin(server_round, grid)
+        if connected is None or self.settings.node_wait <= 0:
+            return
+        if not (missing := self._offline(connected)):
             return
         log(
             INFO,
@@ -793,8 +795,7 @@ class RuleStrategy(Strategy):
         start = time.monotonic()
         while missing and time.monotonic() - start < self.settings.node_wait:
             time.sleep(NODE_POLL_INTERVAL)
-            self._rejoin(server_round, grid)
-            missing = self._offline(grid)
+            missing = self._offline(self._rejoin(server_round, grid))
         waited = time.monotonic() - start
         if missing:
             log(
@@ -807,18 +808,18 @@ class RuleStrategy(Strategy):
         else:
             log(INFO, "round %d: every task's node online after %.1f s", server_round, waited)
 
-    def _offline(self, grid: Grid) -> list[int]:
-        """Tasks t whose node is not among the grid's connected (online) nodes."""
-        connected = set(grid.get_node_ids())
+    def _offline(self, connected: set[int]) -> list[int]:
+        """Tasks t whose node is not among the ``connected`` (online) nodes."""
         return sorted(t for node_id, t in self.node_tasks.items() if node_id not in connected)
 
-    def _rejoin(self, server_round: int, grid: Grid) -> None:
+    def _rejoin(self, server_round: int, grid: Grid) -> set[int] | None:
         """Nodes not seen before report their partition id; a node of task t takes t over when
         t's node left the federation or failed the previous round (a SuperNode restarted after
         a loss gets a new node id); until then it is kept as a spare. Without a grid (the
-        strategy driven by hand, as in tests) there is no one to ask."""
+        strategy driven by hand, as in tests) there is no one to ask. Returns the connected node
+        ids it saw (None without a grid)."""
         if grid is None:
-            return
+            return None
         connected = set(grid.get_node_ids())
         new = sorted(connected - self._seen)
         self._seen |= set(new)
@@ -848,6 +849,7 @@ class RuleStrategy(Strategy):
                 log(
                     WARNING, "round %d: node %d (task %d) kept as a spare", server_round, node_id, t
                 )
+        return connected
 
     def _check_update(self, arrays: ArrayRecord) -> str | None:
         names = set(arrays.keys())

@@ -73,6 +73,13 @@ _PREFIXES: OrderedDict[tuple[str, int, str], list[torch.Tensor]] = OrderedDict()
 _PROBES: OrderedDict[tuple[str, str], list[nn.Linear]] = OrderedDict()
 
 
+def remember(memo: OrderedDict, key: object, value: object) -> None:
+    """``memo[key] = value``, keeping the latest ``PREFIX_MEMO_SUITES`` entries."""
+    memo[key] = value
+    while len(memo) > PREFIX_MEMO_SUITES:
+        memo.popitem(last=False)
+
+
 def _digest(tensors: Sequence[torch.Tensor]) -> str:
     """SHA-256 over the tensors' shapes and bytes: which input sets a cached prefix is of."""
     hasher = hashlib.sha256()
@@ -156,9 +163,7 @@ class PretrainedSuite(TaskSuite):
             encoder = self.pretrained.fresh_encoder().eval()  # its own copy: hooks touch no other
             if not check_prefix(encoder, self.tasks[0].train_x, first):
                 return None
-            _PREFIXES[key] = [encoder.prefix(x, first) for x in inputs]
-            while len(_PREFIXES) > PREFIX_MEMO_SUITES:
-                _PREFIXES.popitem(last=False)
+            remember(_PREFIXES, key, [encoder.prefix(x, first) for x in inputs])
         _PREFIXES.move_to_end(key)
         cached = iter(_PREFIXES[key])
         for task in self.tasks:
@@ -203,12 +208,11 @@ class PretrainedSuite(TaskSuite):
         if key not in _PROBES:
             encoder = self.pretrained.encoder.eval()
             with torch.no_grad():
-                _PROBES[key] = [
+                probes = [
                     probe_head(encoder(x), y, task.num_classes)
                     for (x, y), task in zip(self._head_data, self.tasks, strict=True)
                 ]
-            while len(_PROBES) > PREFIX_MEMO_SUITES:
-                _PROBES.popitem(last=False)
+            remember(_PROBES, key, probes)
         _PROBES.move_to_end(key)
         return _PROBES[key]
 
