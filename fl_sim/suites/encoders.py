@@ -66,6 +66,7 @@ from torch import nn
 
 from fl_sim.errors import CheckpointError, ConfigError
 from fl_sim.suites.base import MultiTaskModel
+from fl_sim.suites.length_chunks import length_pieces
 
 MODEL_KINDS = ("minilm", "hf:PATH", "clip:PATH")
 EVAL_CHUNK = 128  # examples per forward when no gradient is needed
@@ -133,7 +134,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
 class PretrainedEncoder(nn.Module):
     """A Hugging Face network ``root`` turned into x → L2-normalised features.
 
-    Without gradients (evaluation, fitting heads) the batch runs in chunks of ``EVAL_CHUNK``.
+    A batch runs in the pieces ``pieces`` cuts it into (texts: by length, with gradients too;
+    images: chunks of ``EVAL_CHUNK`` without gradients), the features put back in batch order.
     """
 
     modality = ""
@@ -148,9 +150,6 @@ class PretrainedEncoder(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def chunk_order(self, x: torch.Tensor) -> torch.Tensor | None:
-        return None
-
     def prefix_start(self, federated_layers: int | str) -> int | None:
         """The first federated block L − k when the frozen prefix can be cached, else None."""
         return None
@@ -163,16 +162,24 @@ class PretrainedEncoder(nn.Module):
         """``features`` of the inputs whose prefix output is ``cached``, from block ``first``."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pieces(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+        """(order, piece ends) to run ``x`` in, or None for one pass over ``x`` as it is.
+
+        Fixed-size inputs run whole with gradients and in chunks of ``EVAL_CHUNK`` without.
+        """
         if torch.is_grad_enabled() or len(x) <= EVAL_CHUNK:
+            return None
+        return torch.arange(len(x)), _fixed_ends(len(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cut = self.pieces(x)
+        if cut is None:
             return F.normalize(self.features(x), dim=-1)
-        order = self.chunk_order(x)  # similar lengths together: less padding per chunk
-        order = torch.arange(len(x)) if order is None else order
-        out = torch.cat(
-            [self.features(x[order[s : s + EVAL_CHUNK]]) for s in range(0, len(x), EVAL_CHUNK)]
-        )
-        unsorted = torch.empty_like(out).index_copy_(0, order, out)
-        return F.normalize(unsorted, dim=-1)
+        order, ends = cut
+        out = torch.cat([self.features(x[order[a:b]]) for a, b in _spans(ends)])
+        positions = torch.arange(len(order), device=order.device)
+        inverse = torch.empty_like(order).index_copy_(0, order, positions)
+        return F.normalize(out[inverse], dim=-1)
 
 
 class TextEncoder(PretrainedEncoder):
@@ -195,8 +202,19 @@ class TextEncoder(PretrainedEncoder):
     def root(self) -> nn.Module:
         return self.model
 
-    def chunk_order(self, x: torch.Tensor) -> torch.Tensor:
-        return _text_mask(x).sum(dim=1).argsort(stable=True)
+    def pieces(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+        """Length-sorted pieces of least padding (fl_sim/suites/length_chunks.py), at most
+        ``EVAL_CHUNK`` texts each, with gradients too; off the CPU, where the cost of a piece was
+        not measured, one pass with gradients and sorted chunks of ``EVAL_CHUNK`` without."""
+        if len(x) == 0:
+            return None
+        lengths = _text_mask(x).sum(dim=1)
+        order = lengths.argsort(stable=True)
+        if x.device.type != "cpu":
+            if torch.is_grad_enabled() or len(x) <= EVAL_CHUNK:
+                return None
+            return order, _fixed_ends(len(x))
+        return order, length_pieces(tuple(lengths[order].tolist()), EVAL_CHUNK)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point():
@@ -222,17 +240,18 @@ class TextEncoder(PretrainedEncoder):
         return len(stack[1]) - federated_layers
 
     def prefix(self, x: torch.Tensor, first: int) -> torch.Tensor:
-        """h_first(x) and the mask, ``(n, L, H+1)``, in length-sorted chunks, without grad.
+        """h_first(x) and the mask, ``(n, L, H+1)``, in the length-sorted ``pieces``, without grad.
 
-        Each chunk runs at its own longest text, as ``features`` does; positions beyond a text's
+        Each piece runs at its own longest text, as ``features`` does; positions beyond a text's
         end are zero (the mask hides them from every later block and from the pooling).
         """
         mask = x[:, 1]
-        order = self.chunk_order(x)
         out: torch.Tensor | None = None
         with torch.no_grad():
-            for start in range(0, len(x), EVAL_CHUNK):
-                index = order[start : start + EVAL_CHUNK]
+            cut = self.pieces(x)
+            order, ends = (torch.arange(len(x)), [len(x)] if len(x) else []) if cut is None else cut
+            for start, end in _spans(ends):
+                index = order[start:end]
                 length = max(int(mask[index].sum(dim=1).max()), 1)
                 hidden = self._block_input(x[index, 0, :length], mask[index, :length], first)
                 if out is None:
@@ -279,6 +298,16 @@ class _PrefixDone(Exception):
     def __init__(self, hidden: torch.Tensor) -> None:
         super().__init__("prefix computed")
         self.hidden = hidden
+
+
+def _fixed_ends(n: int) -> list[int]:
+    """The ends of chunks of ``EVAL_CHUNK`` examples over n examples."""
+    return [*range(EVAL_CHUNK, n, EVAL_CHUNK), n]
+
+
+def _spans(ends: list[int]) -> list[tuple[int, int]]:
+    """The (start, end) of each piece from the pieces' ends."""
+    return list(zip([0, *ends[:-1]], ends, strict=False))
 
 
 def _text_mask(x: torch.Tensor) -> torch.Tensor:
