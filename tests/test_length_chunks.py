@@ -35,12 +35,17 @@ TOL = {"rtol": 1e-4, "atol": 1e-5}
 pytestmark = pytest.mark.usefixtures("module_one_thread")
 
 
+def spans(ends: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each piece, from the pieces' ends."""
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
 def every_cut(n: int, max_size: int):
     """Every cut of n sorted positions into contiguous pieces of at most ``max_size``."""
     for inner in range(n):
         for cuts in itertools.combinations(range(1, n), inner):
             ends = [*cuts, n]
-            if all(b - a <= max_size for a, b in zip([0, *ends[:-1]], ends, strict=True)):
+            if all(b - a <= max_size for a, b in spans(ends)):
                 yield ends
 
 
@@ -52,7 +57,7 @@ def test_length_pieces_is_the_cheapest_cut_by_brute_force():
         max_size, cost = rng.randint(1, 10), rng.choice([0, 5, PIECE_COST, 200])
         ends = length_pieces(lengths, max_size, cost)
         assert ends[-1] == n and ends == sorted(set(ends))
-        assert all(b - a <= max_size for a, b in zip([0, *ends[:-1]], ends, strict=True))
+        assert all(b - a <= max_size for a, b in spans(ends))
         cheapest = min(cut_cost(lengths, cut, cost) for cut in every_cut(n, max_size))
         assert cut_cost(lengths, ends, cost) == cheapest
 
@@ -164,7 +169,7 @@ def test_no_piece_holds_more_than_eval_chunk_texts(minilm_suites):
     assert len(x) > 2 * EVAL_CHUNK
     order, ends = encoder.pieces(x)
     assert sorted(order.tolist()) == list(range(len(x)))
-    assert max(b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)) <= EVAL_CHUNK
+    assert max(b - a for a, b in spans(ends)) <= EVAL_CHUNK
 
 
 # ---------------------------------------------------------------------------------------------

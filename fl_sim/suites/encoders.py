@@ -249,7 +249,7 @@ class TextEncoder(PretrainedEncoder):
         out: torch.Tensor | None = None
         with torch.no_grad():
             cut = self.pieces(x)
-            order, ends = (torch.arange(len(x)), [len(x)] if len(x) else []) if cut is None else cut
+            order, ends = cut or (torch.arange(len(x)), [len(x)] if len(x) else [])
             for start, end in _spans(ends):
                 index = order[start:end]
                 length = max(int(mask[index].sum(dim=1).max()), 1)
