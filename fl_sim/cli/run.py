@@ -17,6 +17,7 @@ not used: the federation's ``options.backend.client-resources`` decide.)
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["resume=true"] if args.resume else [])]
     overrides += resource_overrides(args.client_cpus, args.client_gpus)
     config = RunConfig.from_sources(args.config, overrides)
+    start = time.perf_counter()
     results = simulate(
         expand_experiment(config),
         num_supernodes=args.num_supernodes,
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         verbose=args.verbose,
     )
-    print(time_line(results))
+    print(time_line(results, config.engine.concurrent_runs, time.perf_counter() - start))
     if config.experiment.kind == "single" and len(results) == 1:
         print(summary_table(results[0]))
         print(f"results: {Path(config.output.results_dir) / 'results.json'}")
@@ -149,13 +151,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def time_line(results: Sequence[Mapping[str, object]]) -> str:
-    """Where the runs' wall time went, summed over ``results`` (fl_sim/federation/timing.py)."""
+def time_line(
+    results: Sequence[Mapping[str, object]], concurrent_runs: int = 1, wall: float | None = None
+) -> str:
+    """Where the runs' wall time went, summed over ``results`` (fl_sim/federation/timing.py).
+    Runs driven at once overlap, so their sum exceeds the experiment's ``wall``, and a run's
+    Ray/Flower part holds the time its messages queued behind another run's clients: the line
+    says so."""
     from fl_sim.federation.timing import add_breakdowns, format_breakdown
 
     breakdowns = [run["timings"]["breakdown"] for run in results]  # type: ignore[index]
     line = format_breakdown(add_breakdowns(breakdowns))
-    return line if len(results) == 1 else f"{line} ({len(results)} runs)"
+    if len(results) == 1:
+        return line
+    if concurrent_runs <= 1:
+        return f"{line} ({len(results)} runs)"
+    overlap = f"{len(results)} runs summed, up to {concurrent_runs} at once"
+    return f"{line} ({overlap}{'' if wall is None else f'; wall {wall:.1f} s'})"
 
 
 def seeds_summary(config: RunConfig, results: list[Mapping[str, object]]) -> str:

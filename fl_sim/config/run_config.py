@@ -14,7 +14,7 @@ into sections, each validated once on construction:
     suite       SuiteSection       seed, task-suite, num-tasks, model, data, mixing, shared head
     output      OutputSection      results-dir, eval-split, diagnostic-batch, resume
     engine      EngineSection      min-clients, round-timeout, server-device, client resources,
-                                   eval-workers
+                                   eval-workers, concurrent-runs
     faults      FaultSection       fail-client/round, byzantine, crash, slow
 
 Unknown keys, wrong types and bad values are a one-line ``ConfigError`` that names the key and

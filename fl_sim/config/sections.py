@@ -626,6 +626,16 @@ class EngineSection:
             kind="int",
         ),
     )
+    concurrent_runs: int = field(
+        default=2,
+        metadata=key_metadata(
+            "concurrent-runs",
+            "how many of an experiment's runs the server drives at once on the federation, "
+            "≥ 1 (1 = one after the other; the results are the same either way: "
+            "fl_sim/federation/run_schedule.py)",
+            kind="int",
+        ),
+    )
     server_streaming: bool = field(
         default=True,
         metadata=key_metadata(
@@ -662,6 +672,7 @@ class EngineSection:
                 f"{self.client_num_gpus} (set client-num-gpus=0)"
             )
         check_at_least("eval-workers", self.eval_workers, 0)
+        check_at_least("concurrent-runs", self.concurrent_runs, 1)
 
     def client_resources(self) -> dict[str, float]:
         """What Ray reserves per simulated client."""

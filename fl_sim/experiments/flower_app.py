@@ -3,7 +3,8 @@
 ``app`` parses Flower's ``context.run_config`` once into a ``RunConfig`` and runs its experiment:
 one run (``experiment = "single"``) or the compare experiment (every rule, one-shot and
 multi-round, fl_sim/experiments/compare.py), each through ``run_federation``
-(fl_sim/federation/server_app.py), then the compare table and plots.
+(fl_sim/federation/server_app.py), ``concurrent-runs`` at once (fl_sim/federation/run_schedule.py),
+then the compare table and plots.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.config.run_config import RunConfig
 from fl_sim.experiments.compare import expand_experiment, write_experiment
+from fl_sim.federation.run_schedule import run_all
 from fl_sim.federation.server_app import RoundCallback, run_federation
 
 
@@ -26,9 +28,11 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = run_config or RunConfig.from_mapping(dict(context.run_config))
-        results = [
-            run_federation(grid, run, on_round=on_round) for run in expand_experiment(config)
-        ]
+        results = run_all(
+            lambda run: run_federation(grid, run, on_round=on_round),
+            expand_experiment(config),
+            config.engine.concurrent_runs,
+        )
         if config.experiment.kind == "compare":
             write_experiment(config, results)
 

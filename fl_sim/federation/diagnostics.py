@@ -66,13 +66,22 @@ def task_gradients(
             for first in range(0, suite.num_tasks, len(models)):
                 tasks = range(first, min(first + len(models), suite.num_tasks))
                 futures = [
-                    pool.submit(task_gradient, suite, models[i], t, batch_size)
+                    pool.submit(_one_thread_gradient, suite, models[i], t, batch_size)
                     for i, t in enumerate(tasks)
                 ]
                 for future in futures:
                     yield future.result()
     finally:
         torch.set_num_threads(threads)
+
+
+def _one_thread_gradient(
+    suite: TaskSuite, model: torch.nn.Module, t: int, batch_size: int
+) -> list[torch.Tensor]:
+    """``task_gradient`` at one intra-op thread in this (pool) thread: PyTorch keeps a count per
+    thread, and a pool thread started while another thread had set a different one inherits it."""
+    torch.set_num_threads(1)
+    return task_gradient(suite, model, t, batch_size)
 
 
 def task_gradient(

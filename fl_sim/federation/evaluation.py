@@ -119,6 +119,7 @@ class Evaluator:
         take = threading.Lock()
 
         def lane(w: int) -> None:  # the next job in (state, task) order, until none is left
+            torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
             while True:
                 with take:
                     i = next(order, None)

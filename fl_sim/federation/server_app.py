@@ -29,11 +29,13 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
   --resume``) continues from it and ends with the results of an uninterrupted run.
 
 The ServerApp that ``flwr run .`` starts (a whole experiment: fl_sim/experiments/flower_app.py)
-and ``make_sweep_server_app`` (a list of runs, for ``simulate``) call ``run_federation``.
+and ``make_sweep_server_app`` (a list of runs, for ``simulate``) call ``run_federation``, up to
+``concurrent-runs`` runs at once (fl_sim/federation/run_schedule.py).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import WARNING
@@ -49,6 +51,7 @@ from fl_sim.checkpoints.safetensors_io import save_tensors
 from fl_sim.config.run_config import RunConfig
 from fl_sim.federation.recorder import RunRecorder
 from fl_sim.federation.round_checkpoint import read_checkpoint, write_checkpoint
+from fl_sim.federation.run_schedule import run_all
 from fl_sim.outputs import write_atomically, write_csv, write_json
 from fl_sim.suites.registry import build_suite
 from strategies.flower_strategy import (
@@ -63,19 +66,26 @@ from strategies.flower_strategy import (
 
 RoundCallback = Callable[[int, int, Mapping[str, float]], None]  # (round, R, mean metrics)
 NODE_WAIT_SECONDS = 300.0
+# runs driven at once build their suites one at a time: transformers' lazy imports are not
+# thread-safe, and once one run has built a suite the memos serve the others
+_BUILDING = threading.Lock()
 
 
 def make_sweep_server_app(
     run_configs: Sequence[RunConfig] | None, *, on_round: RoundCallback | None = None
 ) -> ServerApp:
-    """A ServerApp that runs ``run_configs`` one after the other on the same federation."""
+    """A ServerApp that runs ``run_configs`` on the same federation, the first config's
+    ``concurrent-runs`` at once (fl_sim/federation/run_schedule.py)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configs = run_configs or [RunConfig.from_mapping(dict(context.run_config))]
-        for config in configs:
-            run_federation(grid, config, on_round=on_round)
+        run_all(
+            lambda config: run_federation(grid, config, on_round=on_round),
+            configs,
+            configs[0].engine.concurrent_runs,
+        )
 
     return app
 
@@ -206,8 +216,9 @@ def run_federation(
 ) -> dict[str, object]:
     """The whole run (module docstring); returns what it wrote to results.json."""
     start = time.perf_counter()
-    suite = build_suite(config.suite_config())
-    theta0 = suite.initial_state()
+    with _BUILDING:
+        suite = build_suite(config.suite_config())
+        theta0 = suite.initial_state()
     out = Path(config.output.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "base.safetensors", theta0)

@@ -52,11 +52,14 @@ def simulate(
     progress: bool = True,
     verbose: bool = False,
 ) -> list[dict[str, object]]:
-    """Run ``configs`` one after the other on one simulated federation (one Ray start).
+    """Run ``configs`` on one simulated federation (one Ray start), the first config's
+    ``concurrent-runs`` at once (fl_sim/federation/run_schedule.py: same results as one after
+    the other).
 
     All configs must describe the same federation (task-suite, num-tasks, seed); each writes
     its own results-dir, so keep those distinct. Returns each run's results.json content. The
-    first run that fails raises (a one-line ``FlSimError``); the runs before it are written.
+    first run that fails raises (a one-line ``FlSimError``); the runs before it, and those under
+    way beside it, are written.
     With ``update-cache`` (the default) a client trains each (task, knobs, round, weights) once:
     later runs of the sweep that start from the same weights reuse its Δ_t.
 

@@ -8,7 +8,9 @@ A run's wall time T_run splits into what the server waited for and what it did i
   ``client-start`` / ``client-end``), clipped to the wait;
 - **Ray/Flower**: the rest of that wait, when no handler ran (scheduling, actor start,
   serialisation and transport of θʳ and Δ_t), and the wait for the nodes to connect and give
-  their partition ids (in simulation: Ray starting the SuperNodes' actors);
+  their partition ids (in simulation: Ray starting the SuperNodes' actors); with
+  ``concurrent-runs`` > 1 also the time the run's messages queued behind another run's
+  clients (fl_sim/federation/run_schedule.py), and the runs' sum then exceeds the wall;
 - **aggregation**: the rule's engine (and θ₀ + β·A for the selected β);
 - **evaluation**: θʳ after every round, each client's θ₀ + Δ_t, the β/λ search;
 - **diagnostics**: the gradient diversity ζ²;
