@@ -143,3 +143,21 @@ def test_a_compare_run_three_at_a_time_writes_what_one_after_the_other_writes(
     # fednova wholly: same schedules everywhere, so FedNova's round 2 is FedAvg's)
     for side in sides.values():
         assert [r["update_cache"]["cached"] for r in side] == [0, 3, 3, 0, 6, 6]
+
+
+def test_concurrent_runs_below_one_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"concurrent-runs must be an integer ≥ 1, got 0"):
+        config(concurrent_runs=0)
+
+
+def test_the_time_line_of_overlapping_runs_says_they_overlap_and_gives_the_wall():
+    from fl_sim.cli.run import time_line
+
+    part = {"total": 10.0, "client_training": 6.0, "ray_flower": 2.0, "aggregation": 0.5}
+    part |= {"evaluation": 1.0, "diagnostics": 0.5, "other": 0.0}
+    runs = [{"timings": {"breakdown": part}}] * 3
+    assert time_line(runs[:1]).startswith("time 10.0 s: client training 6.0 s")
+    assert time_line(runs, 1).endswith("(3 runs)")
+    line = time_line(runs, 2, 17.25)
+    assert line.startswith("time 30.0 s: client training 18.0 s")
+    assert line.endswith("(3 runs summed, up to 2 at once; wall 17.2 s)")

@@ -627,7 +627,7 @@ class EngineSection:
         ),
     )
     concurrent_runs: int = field(
-        default=2,
+        default=1,
         metadata=key_metadata(
             "concurrent-runs",
             "how many of an experiment's runs the server drives at once on the federation, "

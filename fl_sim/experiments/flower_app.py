@@ -28,6 +28,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = run_config or RunConfig.from_mapping(dict(context.run_config))
+        grid.get_node_ids()  # connect here, before the runs' threads share the grid
         results = run_all(
             lambda run: run_federation(grid, run, on_round=on_round),
             expand_experiment(config),

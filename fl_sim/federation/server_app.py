@@ -81,6 +81,7 @@ def make_sweep_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configs = run_configs or [RunConfig.from_mapping(dict(context.run_config))]
+        grid.get_node_ids()  # connect here, before the runs' threads share the grid
         run_all(
             lambda config: run_federation(grid, config, on_round=on_round),
             configs,
