@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,9 +71,6 @@ _PREFIXES: OrderedDict[tuple[str, int, str], list[torch.Tensor]] = OrderedDict()
 # (θ₀'s full forward pass over the head pools): fitted once per process for every rule's
 # suite, as the prefixes are; ``build_model`` copies them, nothing writes to them
 _PROBES: OrderedDict[tuple[str, str], list[nn.Linear]] = OrderedDict()
-# runs driven at once (concurrent-runs) build their suites in parallel threads: the first computes
-# a memo entry, the others wait for it rather than compute it again
-_MEMO_LOCK = threading.RLock()
 
 
 def remember(memo: OrderedDict, key: object, value: object) -> None:
@@ -163,16 +159,13 @@ class PretrainedSuite(TaskSuite):
             return None
         inputs = [task.split(split)[0] for task in self.tasks for split in SPLITS]
         key = (str(self.pretrained.spec), first, _digest(inputs))
-        with _MEMO_LOCK:
-            if key not in _PREFIXES:
-                encoder = (
-                    self.pretrained.fresh_encoder().eval()
-                )  # its own copy: hooks touch no other
-                if not check_prefix(encoder, self.tasks[0].train_x, first):
-                    return None
-                remember(_PREFIXES, key, [encoder.prefix(x, first) for x in inputs])
-            _PREFIXES.move_to_end(key)
-            cached = iter(_PREFIXES[key])
+        if key not in _PREFIXES:
+            encoder = self.pretrained.fresh_encoder().eval()  # its own copy: hooks touch no other
+            if not check_prefix(encoder, self.tasks[0].train_x, first):
+                return None
+            remember(_PREFIXES, key, [encoder.prefix(x, first) for x in inputs])
+        _PREFIXES.move_to_end(key)
+        cached = iter(_PREFIXES[key])
         for task in self.tasks:
             for split in SPLITS:
                 setattr(task, f"{split}_x", next(cached))
@@ -212,17 +205,16 @@ class PretrainedSuite(TaskSuite):
         from ``_PROBES`` when a suite of the same model and head data fitted them."""
         data = [tensor for pair in self._head_data for tensor in pair]
         key = (str(self.pretrained.spec), _digest(data))
-        with _MEMO_LOCK:
-            if key not in _PROBES:
-                encoder = self.pretrained.encoder.eval()
-                with torch.no_grad():
-                    probes = [
-                        probe_head(encoder(x), y, task.num_classes)
-                        for (x, y), task in zip(self._head_data, self.tasks, strict=True)
-                    ]
-                remember(_PROBES, key, probes)
-            _PROBES.move_to_end(key)
-            return _PROBES[key]
+        if key not in _PROBES:
+            encoder = self.pretrained.encoder.eval()
+            with torch.no_grad():
+                probes = [
+                    probe_head(encoder(x), y, task.num_classes)
+                    for (x, y), task in zip(self._head_data, self.tasks, strict=True)
+                ]
+            remember(_PROBES, key, probes)
+        _PROBES.move_to_end(key)
+        return _PROBES[key]
 
     def build_model(self, seed: int | None = None) -> PretrainedTaskModel:
         heads = [copy.deepcopy(head) for head in self.heads()]
