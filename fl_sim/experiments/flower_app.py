@@ -2,9 +2,8 @@
 
 ``app`` parses Flower's ``context.run_config`` once into a ``RunConfig`` and runs its experiment:
 one run (``experiment = "single"``) or the compare experiment (every rule, one-shot and
-multi-round, fl_sim/experiments/compare.py), each through ``run_federation``
-(fl_sim/federation/server_app.py), ``concurrent-runs`` at once (fl_sim/federation/run_schedule.py),
-then the compare table and plots.
+multi-round, fl_sim/experiments/compare.py), through ``run_federations``
+(fl_sim/federation/server_app.py: ``concurrent-runs`` at once), then the compare table and plots.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.config.run_config import RunConfig
 from fl_sim.experiments.compare import expand_experiment, write_experiment
-from fl_sim.federation.run_schedule import run_all
-from fl_sim.federation.server_app import RoundCallback, run_federation
+from fl_sim.federation.server_app import RoundCallback, run_federations
 
 
 def make_server_app(
@@ -28,12 +26,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = run_config or RunConfig.from_mapping(dict(context.run_config))
-        grid.get_node_ids()  # connect here, before the runs' threads share the grid
-        results = run_all(
-            lambda run: run_federation(grid, run, on_round=on_round),
-            expand_experiment(config),
-            config.engine.concurrent_runs,
-        )
+        results = run_federations(grid, expand_experiment(config), on_round=on_round)
         if config.experiment.kind == "compare":
             write_experiment(config, results)
 

@@ -29,8 +29,8 @@ Written to ``results-dir`` (each file atomically: a temp file, then ``os.replace
   --resume``) continues from it and ends with the results of an uninterrupted run.
 
 The ServerApp that ``flwr run .`` starts (a whole experiment: fl_sim/experiments/flower_app.py)
-and ``make_sweep_server_app`` (a list of runs, for ``simulate``) call ``run_federation``, up to
-``concurrent-runs`` runs at once (fl_sim/federation/run_schedule.py).
+and ``make_sweep_server_app`` (a list of runs, for ``simulate``) call ``run_federations``:
+``run_federation`` per run, up to ``concurrent-runs`` at once (fl_sim/federation/run_schedule.py).
 """
 
 from __future__ import annotations
@@ -81,14 +81,22 @@ def make_sweep_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configs = run_configs or [RunConfig.from_mapping(dict(context.run_config))]
-        grid.get_node_ids()  # connect here, before the runs' threads share the grid
-        run_all(
-            lambda config: run_federation(grid, config, on_round=on_round),
-            configs,
-            configs[0].engine.concurrent_runs,
-        )
+        run_federations(grid, configs, on_round=on_round)
 
     return app
+
+
+def run_federations(
+    grid: Grid, configs: Sequence[RunConfig], *, on_round: RoundCallback | None = None
+) -> list[dict[str, object]]:
+    """``run_federation`` of every config on ``grid``, the first config's ``concurrent-runs`` at
+    once (fl_sim/federation/run_schedule.py); their results.json contents, in order."""
+    grid.get_node_ids()  # connect here, before the runs' threads share the grid
+    return run_all(
+        lambda config: run_federation(grid, config, on_round=on_round),
+        configs,
+        configs[0].engine.concurrent_runs if configs else 1,
+    )
 
 
 def discover_tasks(
