@@ -24,6 +24,7 @@ group this is L_t(batch) itself, computed exactly as before the groups existed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from fl_sim.suites.base import (
     training_loss,
 )
 from fl_sim.suites.lora import LoraTaskModel
+from fl_sim.suites.piece_lanes import PieceLanes, cores_of_process
 
 
 @dataclass
@@ -70,6 +72,11 @@ class LocalResult:
             "loss-before": self.loss_before,
             "loss-after": self.loss_after,
         }
+
+
+class _NoLanes:
+    def close(self) -> None:
+        pass
 
 
 def generator_seed(seed: int, round_index: int) -> int:
@@ -127,14 +134,19 @@ def fine_tune(
     generator = torch.Generator().manual_seed(generator_seed(knobs.seed, round_index))
     batch_size = num_examples if full_batch else knobs.batch_size
     batches = minibatches(num_examples, batch_size, generator)
-    with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's global RNG
-        torch.manual_seed(generator_seed(knobs.seed, round_index))
+    # a text model's length pieces on the cores the machine leaves free: the same gradients
+    lanes = PieceLanes(model, cores_of_process()) if PieceLanes.applies(model, groups) else None
+    with torch.random.fork_rng(devices=[]), contextlib.closing(lanes or _NoLanes()):
+        torch.manual_seed(generator_seed(knobs.seed, round_index))  # LoRA dropout: global RNG
         for eta in etas:
             for group in optimizer.param_groups:
                 group["lr"] = eta
             index = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            batch_loss(model, groups, offsets, index).backward()
+            if lanes is not None:
+                lanes.backward(groups[0].task_index, groups[0].x[index], groups[0].y[index])
+            else:
+                batch_loss(model, groups, offsets, index).backward()
             optimizer.step()
 
     if isinstance(model, LoraTaskModel):  # dense: ΔW = (α/r)·B·A; adapter: ΔA, ΔB

@@ -93,7 +93,11 @@ class MultiTaskModel(nn.Module):
         self.shared_head = True
 
     def forward(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
-        return self.heads[0 if self.shared_head else task_index](self.backbone(x))
+        return self.head_for(task_index)(self.backbone(x))
+
+    def head_for(self, task_index: int) -> nn.Module:
+        """head_t: task ``task_index``'s head (the one head after ``use_shared_head``)."""
+        return self.heads[0 if self.shared_head else task_index]
 
     def objective(
         self, task_index: int, x: torch.Tensor, y: torch.Tensor

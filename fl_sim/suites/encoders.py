@@ -176,7 +176,12 @@ class PretrainedEncoder(nn.Module):
         if cut is None:
             return F.normalize(self.features(x), dim=-1)
         order, ends = cut
-        out = torch.cat([self.features(x[order[a:b]]) for a, b in _spans(ends)])
+        return self.assemble([self.features(x[order[a:b]]) for a, b in spans(ends)], order)
+
+    @staticmethod
+    def assemble(parts: Sequence[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+        """The pieces' features (in ``order``'s order) back in batch order, L2-normalised."""
+        out = torch.cat(list(parts))
         positions = torch.arange(len(order), device=order.device)
         inverse = torch.empty_like(order).index_copy_(0, order, positions)
         return F.normalize(out[inverse], dim=-1)
@@ -208,7 +213,7 @@ class TextEncoder(PretrainedEncoder):
         not measured, one pass with gradients and sorted chunks of ``EVAL_CHUNK`` without."""
         if len(x) == 0:
             return None
-        lengths = _text_mask(x).sum(dim=1)
+        lengths = text_lengths(x)
         order = lengths.argsort(stable=True)
         if x.device.type != "cpu":
             if torch.is_grad_enabled() or len(x) <= EVAL_CHUNK:
@@ -250,7 +255,7 @@ class TextEncoder(PretrainedEncoder):
         with torch.no_grad():
             cut = self.pieces(x)
             order, ends = cut or (torch.arange(len(x)), [len(x)] if len(x) else [])
-            for start, end in _spans(ends):
+            for start, end in spans(ends):
                 index = order[start:end]
                 length = max(int(mask[index].sum(dim=1).max()), 1)
                 hidden = self._block_input(x[index, 0, :length], mask[index, :length], first)
@@ -305,9 +310,14 @@ def _fixed_ends(n: int) -> list[int]:
     return [*range(EVAL_CHUNK, n, EVAL_CHUNK), n]
 
 
-def _spans(ends: list[int]) -> list[tuple[int, int]]:
+def spans(ends: Sequence[int]) -> list[tuple[int, int]]:
     """The (start, end) of each piece from the pieces' ends."""
     return list(zip([0, *ends[:-1]], ends, strict=False))
+
+
+def text_lengths(x: torch.Tensor) -> torch.Tensor:
+    """Each text's length in tokens, from token ids ``(n, 2, L)`` or a cached prefix."""
+    return _text_mask(x).sum(dim=1)
 
 
 def _text_mask(x: torch.Tensor) -> torch.Tensor:

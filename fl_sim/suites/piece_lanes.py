@@ -1,0 +1,193 @@
+"""One training step's length pieces on the cores the machine leaves free, bit for bit.
+
+A text batch runs in length-sorted pieces p = 1..m (fl_sim/suites/length_chunks.py), so its loss
+is L = CE(head_t(normalise(cat(f₁, …, f_m)[inverse])), y) with f_p = features(x_p), and
+
+    ∂L/∂θ = Σ_p (∂f_p/∂θ)ᵀ · ∂L/∂f_p
+
+The pieces are independent up to the cat: their forward passes, and their backward passes once
+the tail (cat, normalise, head, CE) has given each its ∂L/∂f_p, run on separate threads, one
+torch thread each. The one-graph backward sums a leaf's pieces in the autograd engine's order,
+the last piece first (its nodes were made last), ((g_m + g_{m−1}) + …) + g₁; the lanes add the
+pieces' gradients in that very order, so every gradient, and so every Δ_t, is bit-identical to
+one pass on one thread, whichever number of lanes ran it (tests/test_piece_lanes.py). Where the
+pieces cannot run apart (LoRA's dropout draws from the global RNG; a mixing client's several
+groups; off the CPU) the step is the one-graph backward.
+
+How many lanes: a client trains on one torch thread because the other clients hold the other
+cores. When the machine has a core to spare (five clients on two cores train in three waves, the
+last one alone), the step takes it: ``CoreMeter`` reads what the rest of the machine used over
+the last half second (/proc/stat less this process's own CPU time), and the step runs on
+⌊free + 1/4⌋ lanes, at least 1 and at most ``max_lanes``. Results never depend on that choice.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from fl_sim.suites.base import MultiTaskModel, TrainingGroup, federated_parameters, task_loss
+from fl_sim.suites.encoders import PretrainedTaskModel, TextEncoder, spans, text_lengths
+
+T = TypeVar("T")
+PROC_STAT = Path("/proc/stat")
+WINDOW_SECONDS = 0.5  # CoreMeter's measuring window
+
+
+def cores_of_process() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+class CoreMeter:
+    """free = cores − (machine busy − this process's CPU) / wall, over the last window.
+
+    ``busy_seconds`` gives the machine's busy CPU seconds since boot (None where /proc/stat is
+    not readable: then no core is ever free), ``own_seconds`` this process's CPU seconds and
+    ``clock`` the wall clock (injected in tests).
+    """
+
+    def __init__(
+        self,
+        cores: int,
+        window: float = WINDOW_SECONDS,
+        *,
+        busy_seconds: Callable[[], float | None] | None = None,
+        own_seconds: Callable[[], float] = time.process_time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cores = cores
+        self.window = window
+        self._busy = busy_seconds or machine_busy_seconds
+        self._own = own_seconds
+        self._clock = clock
+        self.free = 0.0  # until a window has passed: nothing known, nothing taken
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        return self._clock(), self._busy(), self._own()
+
+    def free_cores(self) -> float:
+        """The cores the rest of the machine left idle over the last complete window."""
+        now = self._sample()
+        wall = now[0] - self._last[0]
+        if wall >= self.window:
+            if now[1] is not None and self._last[1] is not None:
+                others = ((now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+                self.free = max(self.cores - others, 0.0)
+            self._last = now
+        return self.free
+
+    def lanes(self, max_lanes: int) -> int:
+        """⌊free + 1/4⌋ lanes, in 1..``max_lanes``."""
+        return max(1, min(max_lanes, int(self.free_cores() + 0.25)))
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core spent busy since boot (/proc/stat: all but idle and iowait)."""
+    try:
+        fields = [int(v) for v in PROC_STAT.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class PieceLanes:
+    """Runs a text model's training steps on up to ``max_lanes`` threads (module docstring)."""
+
+    def __init__(self, model: MultiTaskModel, max_lanes: int, meter: CoreMeter | None = None):
+        self.model = model
+        self.encoder = model.encoder  # type: ignore[attr-defined]
+        self.params = federated_parameters(model)
+        self.max_lanes = max_lanes
+        self.meter = meter or CoreMeter(cores_of_process())
+        self._pool: ThreadPoolExecutor | None = None
+
+    @staticmethod
+    def applies(model: MultiTaskModel, groups: Sequence[TrainingGroup]) -> bool:
+        """True for a text encoder's model (no LoRA), one training group, on the CPU."""
+        return (
+            type(model) is PretrainedTaskModel
+            and isinstance(model.encoder, TextEncoder)
+            and len(groups) == 1
+            and all(p.device.type == "cpu" for p in federated_parameters(model))
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def backward(self, task_index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """∂L_t/∂θ of the batch (x, y) into the federated parameters' ``.grad`` (zeroed, as
+        ``optimizer.zero_grad(set_to_none=True)`` leaves them), exactly as
+        ``task_loss(model, task_index, x, y).backward()``."""
+        cut = self.encoder.pieces(x)
+        lanes = 1 if cut is None or len(cut[1]) < 2 else self.meter.lanes(self.max_lanes)
+        if lanes == 1:
+            task_loss(self.model, task_index, x, y).backward()
+            return
+        order, ends = cut
+        pieces = spans(ends)
+        # the costliest first (|p| · its longest text), so the lanes finish together
+        lengths = text_lengths(x)[order]
+        costs = [(b - a) * int(lengths[b - 1]) for a, b in pieces]
+
+        def forward(p: int) -> torch.Tensor:
+            a, b = pieces[p]
+            return self.encoder.features(x[order[a:b]])
+
+        parts = self._on_lanes(forward, costs, lanes)
+        leaves = [part.detach().requires_grad_() for part in parts]
+        logits = self.model.head_for(task_index)(self.encoder.assemble(leaves, order))
+        F.cross_entropy(logits, y).backward()  # the tail: ∂L/∂f_p into each leaf's .grad
+
+        def backward(p: int) -> Sequence[torch.Tensor | None]:
+            return torch.autograd.grad(parts[p], self.params, leaves[p].grad, allow_unused=True)
+
+        grads = self._on_lanes(backward, costs, lanes)
+        for j, param in enumerate(self.params):
+            total = None
+            for p in reversed(range(len(parts))):  # the engine's order: the last piece first
+                g = grads[p][j]
+                if g is not None:
+                    total = g if total is None else total + g
+            if total is not None:
+                param.grad = total if param.grad is None else param.grad + total
+
+    def _on_lanes(self, work: Callable[[int], T], costs: Sequence[int], lanes: int) -> list[T]:
+        """``work(p)`` for every piece p, on ``lanes`` threads taking the costliest left next;
+        the results in piece order."""
+        queue = iter(sorted(range(len(costs)), key=lambda p: -costs[p]))
+        take = threading.Lock()
+        results: list[T | None] = [None] * len(costs)
+
+        def lane() -> None:
+            torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
+            while True:
+                with take:
+                    p = next(queue, None)
+                if p is None:
+                    return
+                results[p] = work(p)
+
+        pool = self._threads()
+        for future in [pool.submit(lane) for _ in range(lanes)]:
+            future.result()
+        return results  # type: ignore[return-value]
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_lanes, thread_name_prefix="fl-sim-piece")
+        return self._pool
