@@ -20,7 +20,13 @@ first run:
   for every run of ``expand_experiment``, with client fine-tunes memoised as the update cache
   memoises them (one-shot rules share the clients' θ₀ + Δ_t; multi-round rules share round 1),
   and its own per-round evaluation; no β search. An ideally parallel loop on ``cores`` cores
-  would take plain / cores: the experiment's ratio to that is the figure of merit.
+  would take plain / cores: the experiment's ratio to that is the figure of merit;
+- **plain loop with the experiment's measurements** (``--same-measures``, instead): the same
+  loop, plus what the experiment measures beyond it, done plainly on one thread: each client's
+  θ₀ + Δ_t on its own task, a one-shot run's β search (``search_server_lr`` over the rule's
+  candidates, every candidate θ₀ + β·A on every task, val and test) and ζ² at θ₀ and at the
+  final model, every evaluation and ζ² memoised by content as the experiment memoises them.
+  The experiment's ratio to plain / cores is then its overhead over the same work.
 
 Ratios are taken within the run (machines here are noisy); the JSON (``--json OUT``) keeps every
 figure.
@@ -99,8 +105,9 @@ def read_table(path: Path) -> dict[str, float]:
         }
 
 
-def run_plain(sets: list[str]) -> dict[str, object]:
-    """The plain loop over every run of the experiment (module docstring), on one thread."""
+def run_plain(sets: list[str], same_measures: bool = False) -> dict[str, object]:
+    """The plain loop over every run of the experiment (module docstring), on one thread;
+    with ``same_measures``, also the experiment's measurements (``plain_measures``)."""
     import torch
 
     import fl_sim.federation.reference as reference
@@ -116,12 +123,13 @@ def run_plain(sets: list[str]) -> dict[str, object]:
     memo: dict[tuple[object, ...], object] = {}
     counts = {"trained": 0, "memoised": 0}
 
-    def fine_tune(suite, t, state, knobs, **kwargs):  # as the update cache: content-keyed
+    def fine_tune(suite, t, state, knobs, *, recall: bool = False, **kwargs):
+        """As the update cache: content-keyed (``recall``: a look-up, not counted)."""
         key = (id(suite), t, hash_tensors(state), repr(knobs), repr(sorted(kwargs.items())))
         if key not in memo:
             counts["trained"] += 1
             memo[key] = train(suite, t, state, knobs, **kwargs)
-        else:
+        elif not recall:
             counts["memoised"] += 1
         return memo[key]
 
@@ -129,8 +137,9 @@ def run_plain(sets: list[str]) -> dict[str, object]:
     start = time.perf_counter()
     try:
         suite = build_suite(config.suite_config())
+        measured = PlainMeasures(suite, fine_tune) if same_measures else None
         for run in runs:
-            reference.run_reference(
+            final = reference.run_reference(
                 suite,
                 run.client_knobs(),
                 run.rule.rule_config(None, None, 1),  # p_t and ‖a_t‖₁: per round, as Flower
@@ -139,10 +148,91 @@ def run_plain(sets: list[str]) -> dict[str, object]:
                 a_norm_kind=run.training.a_norm,
                 weighting=run.rule.weighting,
                 full_batch=run.training.full_batch,
-            )
+            ).state
+            if measured is not None:
+                measured.run(run, final)
     finally:
         reference.fine_tune = train
-    return {"wall_seconds": time.perf_counter() - start, "runs": len(runs), **counts}
+    extra = {} if measured is None else {"measures": measured.counts}
+    return {"wall_seconds": time.perf_counter() - start, "runs": len(runs), **counts, **extra}
+
+
+class PlainMeasures:
+    """What a run measures beyond the plain loop, done plainly (module docstring): one thread,
+    evaluations and ζ² memoised by content."""
+
+    def __init__(self, suite, fine_tune) -> None:
+        self.suite, self.fine_tune = suite, fine_tune
+        self.theta0 = suite.initial_state()
+        self.figures: dict[tuple[str, int, str], tuple[float, float]] = {}
+        self.diversity: dict[str, object] = {}
+        self.counts = {"evaluated": 0, "searched": 0, "zeta": 0}
+
+    def evaluate(self, state, tasks, splits=("val", "test")) -> dict[tuple[int, str], float]:
+        """(task, split) → accuracy of ``state``, each triple computed once."""
+        from clients.update_cache import hash_tensors
+        from fl_sim.suites.base import evaluate, load_federated_state
+
+        key = hash_tensors(state)
+        model = None
+        for t in tasks:
+            for split in splits:
+                if (key, t, split) not in self.figures:
+                    if model is None:
+                        model = self.suite.build_model()
+                        load_federated_state(model, state)
+                    self.figures[key, t, split] = evaluate(model, self.suite.eval_tasks[t], split)
+                    self.counts["evaluated"] += 1
+        return {(t, split): self.figures[key, t, split][1] for t in tasks for split in splits}
+
+    def zeta(self, state, weights, batch: int) -> None:
+        from clients.update_cache import hash_tensors
+        from fl_sim.federation.diagnostics import measure
+
+        key = hash_tensors(state)
+        if key not in self.diversity:
+            self.diversity[key] = measure(self.suite, state, weights, batch, 1)
+            self.counts["zeta"] += 1
+
+    def run(self, run, final) -> None:
+        """One run's measurements: the clients' models, the β search, ζ² at θ₀ and final."""
+        from strategies.rule import client_weights
+        from strategies.server_step import search_server_lr, server_step
+
+        suite, T = self.suite, self.suite.num_tasks
+        weights = client_weights(T, None).tolist()
+        if run.output.diagnostic_batch > 0:
+            self.zeta(self.theta0, weights, run.output.diagnostic_batch)
+        own: dict[int, float] = {}
+        for t, knobs in enumerate(run.client_knobs()):
+            result = self.fine_tune(
+                suite,
+                t,
+                self.theta0,
+                knobs,
+                recall=True,
+                full_batch=run.training.full_batch,
+                round_index=1,
+            )
+            theta_t = {k: v + result.update[k] for k, v in self.theta0.items()}
+            e = suite.eval_task_of(t)
+            own[e] = self.evaluate(theta_t, [e])[e, "val"]
+        candidates = run.rule.search_candidates(T) if run.rule.num_rounds == 1 else []
+        if candidates:
+            beta0 = run.rule.server_lr_for(T)
+            update = {k: (final[k] - self.theta0[k]) / beta0 for k in final}  # A
+
+            def score(candidate) -> float:
+                accuracy = self.evaluate(
+                    server_step(self.theta0, update, candidate.beta), range(len(suite.eval_tasks))
+                )
+                self.counts["searched"] += 1
+                ratios = [accuracy[e, "val"] / own[e] for e in own if own[e] > 0]
+                return sum(ratios) / len(ratios)
+
+            search_server_lr(candidates, score, run.rule.search_settings())
+        if run.output.diagnostic_batch > 0:
+            self.zeta(final, weights, run.output.diagnostic_batch)
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -180,6 +270,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--baseline-rev", metavar="REV", help="also run REV's fl-sim (git)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    parser.add_argument(
+        "--same-measures",
+        action="store_true",
+        help="the plain loop also makes the experiment's measurements (β search, ζ², clients)",
+    )
     parser.add_argument("--cores", type=int, default=0, help="cores of the ideal loop (0: all)")
     parser.add_argument("--json", metavar="OUT", help="write every figure to OUT")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
@@ -207,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             figures["baseline"]["rev"] = args.baseline_rev
             print(f"baseline {args.baseline_rev}: {figures['baseline']['wall_seconds']:.1f} s")
         if not args.no_plain:
-            figures["plain"] = run_plain(args.sets)
+            figures["plain"] = run_plain(args.sets, args.same_measures)
+            figures["plain"]["same_measures"] = args.same_measures
             print(f"plain loop: {figures['plain']['wall_seconds']:.1f} s", flush=True)
     finally:
         if not args.keep:
@@ -243,9 +339,12 @@ def report(figures: dict[str, object]) -> str:
     if "plain" in figures:
         plain = figures["plain"]
         ideal = plain["wall_seconds"] / figures["cores"]
+        what = " with the experiment's measurements" if plain.get("same_measures") else ""
         lines += [
-            f"plain loop: {plain['wall_seconds']:.1f} s on one thread ({plain['runs']} runs, "
-            f"{plain['trained']} fine-tunes, {plain['memoised']} memoised) → ideal on "
+            f"plain loop{what}: {plain['wall_seconds']:.1f} s on one thread ({plain['runs']} runs, "
+            f"{plain['trained']} fine-tunes, {plain['memoised']} memoised"
+            + (f"; {plain['measures']}" if "measures" in plain else "")
+            + ") → ideal on "
             f"{figures['cores']} cores {ideal:.1f} s; experiment / ideal "
             f"{experiment['wall_seconds'] / ideal:.2f}×",
         ]
