@@ -6,9 +6,10 @@ with the schedule's η_t⁽ᵏ⁾ (clients/schedules.py), the client's optimizer
 without replacement from shuffled epochs of the client's training set by a torch.Generator seeded
 from (knobs.seed, round_index). Same inputs give a bit-identical Δ_t on the CPU (the caller fixes
 the number of torch threads; a text model's steps run their length pieces on the cores the machine
-leaves free, with the very same floats: fl_sim/suites/piece_lanes.py). The heads are frozen; only the backbone moves (and, with a shared
-head, that head: ``federated_parameters``). With LoRA adapters (``adapter = "lora"``,
-fl_sim/suites/lora.py) only the adapters A, B move, and Δ_t is ΔW_t = (α/r)·B_t·A_t per target
+leaves free, with the very same floats: fl_sim/suites/piece_lanes.py). The heads are frozen;
+only the backbone moves (and, with a shared head, that head: ``federated_parameters``). With LoRA
+adapters (``adapter = "lora"``, fl_sim/suites/lora.py) only the adapters A, B move, and Δ_t is
+ΔW_t = (α/r)·B_t·A_t per target
 (``adapter-federation = "dense"``) or (A_t − Aʳ, B_t − Bʳ) (``"adapter"``); the minibatches and
 LoRA dropout (torch's global RNG, seeded here and restored after) are seeded as above.
 
