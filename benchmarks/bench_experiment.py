@@ -294,10 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from fl_sim.federation.evaluation import free_cores
     from fl_sim.outputs import write_json
+    from fl_sim.suites.piece_lanes import cores_of_process
 
-    cores = args.cores or free_cores()
+    cores = args.cores or cores_of_process()
     work = Path(args.keep or tempfile.mkdtemp(prefix="fl-sim-bench-experiment-"))
     figures: dict[str, object] = {"sets": args.sets, "cores": cores}
     try:

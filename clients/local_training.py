@@ -9,9 +9,9 @@ the number of torch threads; a text model's steps run their length pieces on the
 leaves free, with the very same floats: fl_sim/suites/piece_lanes.py). The heads are frozen;
 only the backbone moves (and, with a shared head, that head: ``federated_parameters``). With LoRA
 adapters (``adapter = "lora"``, fl_sim/suites/lora.py) only the adapters A, B move, and Δ_t is
-ΔW_t = (α/r)·B_t·A_t per target
-(``adapter-federation = "dense"``) or (A_t − Aʳ, B_t − Bʳ) (``"adapter"``); the minibatches and
-LoRA dropout (torch's global RNG, seeded here and restored after) are seeded as above.
+ΔW_t = (α/r)·B_t·A_t per target (``adapter-federation = "dense"``) or (A_t − Aʳ, B_t − Bʳ)
+(``"adapter"``); the minibatches and LoRA dropout (torch's global RNG, seeded here and restored
+after) are seeded as above.
 
 The training set is the suite's ``training_groups(t)``: groups (s, x, y) of task s's examples
 (only (t, train split) unless ``mixing`` > 0), N = Σ_g n_g examples in all, numbered 0..N−1 in
@@ -76,11 +76,6 @@ class LocalResult:
         }
 
 
-class _NoLanes:
-    def close(self) -> None:
-        pass
-
-
 def generator_seed(seed: int, round_index: int) -> int:
     """The minibatch generator's seed: (seed, round) mixed by NumPy's SeedSequence (portable)."""
     return int(np.random.SeedSequence([int(seed), int(round_index)]).generate_state(1)[0])
@@ -138,7 +133,8 @@ def fine_tune(
     batches = minibatches(num_examples, batch_size, generator)
     # a text model's length pieces on the cores the machine leaves free: the same gradients
     lanes = PieceLanes(model, cores_of_process()) if PieceLanes.applies(model, groups) else None
-    with torch.random.fork_rng(devices=[]), contextlib.closing(lanes or _NoLanes()):
+    closing = contextlib.closing(lanes) if lanes is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), closing:
         torch.manual_seed(generator_seed(knobs.seed, round_index))  # LoRA dropout: global RNG
         for eta in etas:
             for group in optimizer.param_groups:

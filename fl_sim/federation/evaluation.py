@@ -21,7 +21,6 @@ candidate of task_arithmetic and one-shot fedavg (the same A). So:
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,18 +30,11 @@ import torch
 
 from clients.update_cache import hash_tensors
 from fl_sim.suites.base import MultiTaskModel, TaskSuite, evaluate, load_federated_state
+from fl_sim.suites.piece_lanes import cores_of_process
 
 Figures = tuple[float, float]  # (mean loss, accuracy)
 _RESULTS: dict[tuple[object, ...], Figures] = {}  # content key → figures, for the process
 _LOCK = threading.Lock()
-
-
-def free_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # not on Linux
-        return max(os.cpu_count() or 1, 1)
 
 
 @dataclass(frozen=True)
@@ -64,7 +56,7 @@ class Evaluator:
     def __init__(self, suite: TaskSuite, suite_key: tuple[object, ...], workers: int = 0):
         self.suite = suite
         self.suite_key = suite_key
-        self.workers = workers if workers > 0 else free_cores()
+        self.workers = workers if workers > 0 else cores_of_process()
         self._models: list[MultiTaskModel] = []
         self._loaded: list[str | None] = []  # the hash each model holds now
         self.stats = {"evaluated": 0, "cached": 0}

@@ -106,12 +106,12 @@ def machine_busy_seconds() -> float | None:
 class PieceLanes:
     """Runs a text model's training steps on up to ``max_lanes`` threads (module docstring)."""
 
-    def __init__(self, model: MultiTaskModel, max_lanes: int, meter: CoreMeter | None = None):
+    def __init__(self, model: MultiTaskModel, max_lanes: int):
         self.model = model
         self.encoder = model.encoder  # type: ignore[attr-defined]
         self.params = federated_parameters(model)
         self.max_lanes = max_lanes
-        self.meter = meter or CoreMeter(cores_of_process())
+        self.meter = CoreMeter(cores_of_process())
         self._pool: ThreadPoolExecutor | None = None
 
     @staticmethod
