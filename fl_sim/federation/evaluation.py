@@ -30,7 +30,7 @@ import torch
 
 from clients.update_cache import hash_tensors
 from fl_sim.suites.base import MultiTaskModel, TaskSuite, evaluate, load_federated_state
-from fl_sim.suites.piece_lanes import cores_of_process
+from fl_sim.suites.piece_lanes import cores_of_process, on_lanes
 
 Figures = tuple[float, float]  # (mean loss, accuracy)
 _RESULTS: dict[tuple[object, ...], Figures] = {}  # content key → figures, for the process
@@ -106,28 +106,17 @@ class Evaluator:
             self._loaded.append(None)
         if workers == 1:
             return [self._job(0, states, hashes, job) for job in jobs]
-        order = iter(sorted(range(len(jobs)), key=lambda i: (jobs[i].state, jobs[i].task)))
-        results: list[dict[str, Figures] | None] = [None] * len(jobs)
-        take = threading.Lock()
-
-        def lane(w: int) -> None:  # the next job in (state, task) order, until none is left
-            torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
-            while True:
-                with take:
-                    i = next(order, None)
-                if i is None:
-                    return
-                results[i] = self._job(w, states, hashes, jobs[i])
-
+        order = sorted(range(len(jobs)), key=lambda i: (jobs[i].state, jobs[i].task))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="fl-sim-eval") as pool:
-                for future in [pool.submit(lane, w) for w in range(workers)]:
-                    future.result()
+                done = on_lanes(
+                    pool, workers, order, lambda w, i: self._job(w, states, hashes, jobs[i])
+                )
         finally:
             torch.set_num_threads(threads)
-        return results  # type: ignore[return-value]
+        return [done[i] for i in range(len(jobs))]
 
     def _job(
         self,

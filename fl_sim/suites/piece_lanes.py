@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -167,27 +167,35 @@ class PieceLanes:
                 param.grad = total if param.grad is None else param.grad + total
 
     def _on_lanes(self, work: Callable[[int], T], costs: Sequence[int], lanes: int) -> list[T]:
-        """``work(p)`` for every piece p, on ``lanes`` threads taking the costliest left next;
-        the results in piece order."""
-        queue = iter(sorted(range(len(costs)), key=lambda p: -costs[p]))
-        take = threading.Lock()
-        results: list[T | None] = [None] * len(costs)
-
-        def lane() -> None:
-            torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
-            while True:
-                with take:
-                    p = next(queue, None)
-                if p is None:
-                    return
-                results[p] = work(p)
-
-        pool = self._threads()
-        for future in [pool.submit(lane) for _ in range(lanes)]:
-            future.result()
-        return results  # type: ignore[return-value]
+        """``work(p)`` for every piece p, the costliest first; the results in piece order."""
+        order = sorted(range(len(costs)), key=lambda p: -costs[p])
+        done = on_lanes(self._threads(), lanes, order, lambda lane, p: work(p))
+        return [done[p] for p in range(len(costs))]
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_lanes, thread_name_prefix="fl-sim-piece")
         return self._pool
+
+
+def on_lanes(
+    pool: ThreadPoolExecutor, lanes: int, order: Iterable[int], work: Callable[[int, int], T]
+) -> dict[int, T]:
+    """``work(lane, i)`` for every i of ``order``, on ``lanes`` threads of ``pool``, each taking
+    the next i left and running torch on one thread; i → its result."""
+    queue = iter(order)
+    take = threading.Lock()
+    results: dict[int, T] = {}
+
+    def lane(w: int) -> None:
+        torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
+        while True:
+            with take:
+                i = next(queue, None)
+            if i is None:
+                return
+            results[i] = work(w, i)
+
+    for future in [pool.submit(lane, w) for w in range(lanes)]:
+        future.result()
+    return results
