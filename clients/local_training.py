@@ -46,7 +46,7 @@ from fl_sim.suites.base import (
     training_loss,
 )
 from fl_sim.suites.lora import LoraTaskModel
-from fl_sim.suites.piece_lanes import PieceLanes, cores_of_process
+from fl_sim.suites.piece_lanes import PieceLanes
 
 
 @dataclass
@@ -132,7 +132,7 @@ def fine_tune(
     batch_size = num_examples if full_batch else knobs.batch_size
     batches = minibatches(num_examples, batch_size, generator)
     # a text model's length pieces on the cores the machine leaves free: the same gradients
-    lanes = PieceLanes(model, cores_of_process()) if PieceLanes.applies(model, groups) else None
+    lanes = PieceLanes(model) if PieceLanes.applies(model, groups) else None
     closing = contextlib.closing(lanes) if lanes is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), closing:
         torch.manual_seed(generator_seed(knobs.seed, round_index))  # LoRA dropout: global RNG

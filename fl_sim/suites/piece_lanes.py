@@ -79,7 +79,10 @@ class CoreMeter:
         return self._clock(), self._busy(), self._own()
 
     def free_cores(self) -> float:
-        """The cores the rest of the machine left idle over the last complete window."""
+        """The cores the rest of the machine left idle over the last complete window (the
+        counters are read once a window has passed, not at every step)."""
+        if self._clock() - self._last[0] < self.window:
+            return self.free
         now = self._sample()
         wall = now[0] - self._last[0]
         if wall >= self.window:
@@ -104,14 +107,14 @@ def machine_busy_seconds() -> float | None:
 
 
 class PieceLanes:
-    """Runs a text model's training steps on up to ``max_lanes`` threads (module docstring)."""
+    """Runs a text model's training steps on up to one thread per core (module docstring)."""
 
-    def __init__(self, model: MultiTaskModel, max_lanes: int):
+    def __init__(self, model: MultiTaskModel):
         self.model = model
         self.encoder = model.encoder  # type: ignore[attr-defined]
         self.params = federated_parameters(model)
-        self.max_lanes = max_lanes
-        self.meter = CoreMeter(cores_of_process())
+        self.max_lanes = cores_of_process()
+        self.meter = CoreMeter(self.max_lanes)
         self._pool: ThreadPoolExecutor | None = None
 
     @staticmethod
