@@ -24,7 +24,8 @@ first run:
 - **plain loop with the experiment's measurements** (``--same-measures``, instead): the same
   loop, plus what the experiment measures beyond it, done plainly on one thread: each client's
   θ₀ + Δ_t on its own task, a one-shot run's β search (``search_server_lr`` over the rule's
-  candidates, every candidate θ₀ + β·A on every task, val and test) and ζ² at θ₀ and at the
+  candidates, every candidate θ₀ + β·A on every task's val split, and test at the selected β;
+  with ``search-test = "every"`` test at every candidate too) and ζ² at θ₀ and at the
   final model, every evaluation and ζ² memoised by content as the experiment memoises them.
   The experiment's ratio to plain / cores is then its overhead over the same work.
 
@@ -232,15 +233,18 @@ class PlainMeasures:
             beta0 = run.rule.server_lr_for(T)
             update = {k: (final[k] - self.theta0[k]) / beta0 for k in final}  # A
 
+            tasks = range(len(suite.eval_tasks))
+            splits = ("val", "test") if run.rule.search_test == "every" else ("val",)
+
             def score(candidate) -> float:
-                accuracy = self.evaluate(
-                    server_step(self.theta0, update, candidate.beta), range(len(suite.eval_tasks))
-                )
+                state = server_step(self.theta0, update, candidate.beta)
+                accuracy = self.evaluate(state, tasks, splits)
                 self.counts["searched"] += 1
                 ratios = [accuracy[e, "val"] / own[e] for e in own if own[e] > 0]
                 return sum(ratios) / len(ratios)
 
-            search_server_lr(candidates, score, run.rule.search_settings())
+            chosen = search_server_lr(candidates, score, run.rule.search_settings()).selected
+            self.evaluate(server_step(self.theta0, update, chosen.beta), tasks, ("test",))
         if run.output.diagnostic_batch > 0:
             self.zeta(final, weights, run.output.diagnostic_batch)
 

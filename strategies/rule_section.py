@@ -21,6 +21,7 @@ from strategies.rule_spec import RuleKnobs
 from strategies.server_step import SearchSettings, ServerLrCandidate, parse_grid
 
 WEIGHTINGS = ("uniform", "examples")
+SEARCH_TEST = ("selected", "every")  # where a β search evaluates the test split
 
 
 def _setting(default: object, key: str, help: str, kind: str) -> object:
@@ -88,6 +89,14 @@ class RuleSection:
         "β and its neighbours (on val; 0 = off)",
         "int",
     )
+    search_test: str = _setting(
+        "selected",
+        "search-test",
+        "β/λ search: evaluate the test split at the selected β only (selected; the search "
+        "reads val alone, so test costs one model) or at every β tried (every: the "
+        "beta_search rows' test columns, reported, never used to select)",
+        "str",
+    )
     paper_defaults: bool = _setting(
         False,
         "paper-defaults",
@@ -122,6 +131,10 @@ class RuleSection:
         ):
             if count < 0:
                 raise ConfigError(f"{key} must be an integer ≥ 0, got {count} (set {key}=2)")
+        if self.search_test not in SEARCH_TEST:
+            raise ConfigError(
+                f"unknown search-test {self.search_test!r}; choose one of {', '.join(SEARCH_TEST)}"
+            )
         missing = sorted(set(RULE_NAMES) - set(self.knobs))
         if missing:
             raise ConfigError(f"rule section: no knobs for {', '.join(missing)}")

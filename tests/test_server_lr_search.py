@@ -104,20 +104,22 @@ def test_lambda_search_for_task_arithmetic_is_beta_lambda_t(tmp_path):
 def test_selection_reads_val_never_test():
     """Val prefers β = 1, test prefers β = 2: β = 1 is chosen, test only reported."""
     suite = make_suite("toy", num_tasks=T, seed=0)
-    recorder = RunRecorder(config(), suite, suite.initial_state())
+    recorder = RunRecorder(config(search_test="every"), suite, suite.initial_state())
     for split in ("val", "test"):
         recorder.finetuned[split] = {t: {"loss": 0.0, "accuracy": 0.8} for t in range(T)}
     preferred = {"val": 1.0, "test": 2.0}
 
-    def fake_evaluate(state):
+    def fake_evaluate(state, splits=("val", "test")):
         beta = float(state["beta"])
         return {
-            split: [{"loss": 0.0, "accuracy": 0.7 - 0.1 * abs(beta - best)}] * T
-            for split, best in preferred.items()
+            split: [{"loss": 0.0, "accuracy": 0.7 - 0.1 * abs(beta - preferred[split])}] * T
+            for split in splits
         }
 
     recorder.evaluate = fake_evaluate
-    recorder.evaluate_many = lambda states: [fake_evaluate(state) for state in states]
+    recorder.evaluate_many = lambda states, splits=("val", "test"): [
+        fake_evaluate(state, splits) for state in states
+    ]
     theta, update = {"beta": torch.zeros(())}, {"beta": torch.ones(())}
     candidates = [ServerLrCandidate(b) for b in (0.5, 1.0, 2.0, 4.0)]
     assert recorder.select_server_lr(theta, update, candidates) == candidates[1]
@@ -224,22 +226,27 @@ def test_search_settings_are_run_config_keys():
         config(search_refine=-1)
 
 
-def fake_recorder(preferred: dict[str, float]) -> RunRecorder:
-    """A recorder whose val (test) accuracy peaks at β = preferred['val'] (['test'])."""
+def fake_recorder(preferred: dict[str, float], search_test: str = "every") -> RunRecorder:
+    """A recorder whose val (test) accuracy peaks at β = preferred['val'] (['test']); it keeps
+    the splits of every evaluation asked for in ``recorder.asked``."""
     suite = make_suite("toy", num_tasks=T, seed=0)
-    recorder = RunRecorder(config(), suite, suite.initial_state())
+    recorder = RunRecorder(config(search_test=search_test), suite, suite.initial_state())
     for split in ("val", "test"):
         recorder.finetuned[split] = {t: {"loss": 0.0, "accuracy": 1.0} for t in range(T)}
+    recorder.asked = []
 
-    def fake_evaluate(state):
+    def fake_evaluate(state, splits=("val", "test")):
         beta = float(state["beta"])
+        recorder.asked.append((beta, tuple(splits)))
         return {
-            split: [{"loss": 0.0, "accuracy": 1 / (1 + abs(math.log(beta / best)))}] * T
-            for split, best in preferred.items()
+            split: [{"loss": 0.0, "accuracy": 1 / (1 + abs(math.log(beta / preferred[split])))}] * T
+            for split in splits
         }
 
     recorder.evaluate = fake_evaluate
-    recorder.evaluate_many = lambda states: [fake_evaluate(state) for state in states]
+    recorder.evaluate_many = lambda states, splits=("val", "test"): [
+        fake_evaluate(state, splits) for state in states
+    ]
     return recorder
 
 
@@ -259,6 +266,75 @@ def test_the_recorder_extends_below_the_grid_on_val_and_records_every_beta():
     )
     best_test = max(rows, key=lambda r: r["test_mean_accuracy"])
     assert best_test["beta"] == 4.0 and not best_test["selected"]  # test is reported, not used
+
+
+def test_by_default_the_search_reads_val_alone_and_tests_the_selected_beta_only():
+    """search-test = "selected": every β tried is evaluated on val, test once, at the chosen β;
+    its row carries the test figures, the others None."""
+    recorder = fake_recorder({"val": 0.1, "test": 4.0}, search_test="selected")
+    theta, update = {"beta": torch.zeros(())}, {"beta": torch.ones(())}
+    chosen = recorder.select_server_lr(theta, update, GRID)
+    on_test = [beta for beta, splits in recorder.asked if "test" in splits]
+    assert on_test == [pytest.approx(chosen.beta)]  # the fake state holds β in float32
+    assert {splits for _, splits in recorder.asked} == {("val",), ("test",)}
+    rows = recorder.beta_search
+    selected = [r for r in rows if r["selected"]]
+    assert [r["beta"] for r in selected] == [chosen.beta]
+    assert selected[0]["test_mean_accuracy"] == pytest.approx(
+        1 / (1 + abs(math.log(chosen.beta / 4)))
+    )
+    others = [r for r in rows if not r["selected"]]
+    assert others and all(r["test_mean_accuracy"] is None for r in others)
+    assert all(r["test_mean_normalized_accuracy"] is None for r in others)
+    # the same β is chosen as when test is evaluated at every β
+    every = fake_recorder({"val": 0.1, "test": 4.0}, search_test="every")
+    assert every.select_server_lr(theta, update, GRID) == chosen
+    assert [r["val_mean_accuracy"] for r in every.beta_search] == [
+        r["val_mean_accuracy"] for r in rows
+    ]
+
+
+def test_search_test_selected_and_every_give_the_same_run_bar_the_unused_test_columns(tmp_path):
+    """A real one-shot run with a β grid: the same selected β, model and figures either way;
+    "selected" evaluates test for one candidate instead of all of them."""
+    from fl_sim.federation.evaluation import clear_cache
+
+    runs = {}
+    for mode in ("selected", "every"):
+        clear_cache()
+        runs[mode] = run_federation(
+            InProcessGrid(T),
+            config(server_lr_grid="0.3,1,3", search_test=mode, results_dir=str(tmp_path / mode)),
+        )
+    selected, every = runs["selected"], runs["every"]
+    assert selected["selected_beta"] == every["selected_beta"]
+    assert selected["selected_test"] == every["selected_test"]
+    for a, b in zip(selected["rounds"], every["rounds"], strict=True):  # bar their timings
+        assert a["splits"] == b["splits"] and a["mean_accuracy"] == b["mean_accuracy"]
+    models = [load_file(tmp_path / mode / "global_model.safetensors") for mode in runs]
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][name], models[1][name]) for name in models[0])
+    for a, b in zip(selected["beta_search"], every["beta_search"], strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("test_")} == {
+            k: v for k, v in b.items() if not k.startswith("test_")
+        }
+        if a["selected"]:
+            assert a == b
+        else:
+            assert a["test_mean_accuracy"] is None and b["test_mean_accuracy"] is not None
+    tried = len(every["beta_search"])
+    T_eval = len(every["rounds"][0]["tasks"])
+    assert (
+        every["evaluation_cache"]["evaluated"] - selected["evaluation_cache"]["evaluated"]
+        == (tried - 1) * T_eval
+    )
+
+
+def test_a_bad_search_test_is_a_one_line_config_error():
+    with pytest.raises(
+        ConfigError, match="unknown search-test 'all'; choose one of selected, every"
+    ):
+        config(search_test="all")
 
 
 def test_the_tables_flag_a_beta_on_a_bound():

@@ -111,23 +111,25 @@ class RunRecorder:
         self.theory = by_int(state.get("theory", {}))  # type: ignore[assignment]
         self._last = time.perf_counter()
 
-    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[dict[str, float]]]:
-        """Every evaluation task's loss and accuracy at ``state``, on each of SPLITS."""
-        return self.evaluate_many([state])[0]
+    def evaluate(
+        self, state: Mapping[str, torch.Tensor], splits: Sequence[str] = SPLITS
+    ) -> dict[str, list[dict[str, float]]]:
+        """Every evaluation task's loss and accuracy at ``state``, on each of ``splits``."""
+        return self.evaluate_many([state], splits)[0]
 
     def evaluate_many(
-        self, states: Sequence[Mapping[str, torch.Tensor]]
+        self, states: Sequence[Mapping[str, torch.Tensor]], splits: Sequence[str] = SPLITS
     ) -> list[dict[str, list[dict[str, float]]]]:
         """``evaluate`` of every state, as one request: what no earlier request evaluated is
         computed in one parallel pass (fl_sim/federation/evaluation.py)."""
         tasks = range(len(self.suite.eval_tasks))
-        jobs = [Job(i, t, SPLITS) for i in range(len(states)) for t in tasks]
+        jobs = [Job(i, t, tuple(splits)) for i in range(len(states)) for t in tasks]
         answers = iter(self.evaluator.evaluate(states, jobs))
         by_state = [[next(answers) for _ in tasks] for _ in states]
         return [
             {
                 split: [dict(zip(("loss", "accuracy"), row[split], strict=True)) for row in rows]
-                for split in SPLITS
+                for split in splits
             }
             for rows in by_state
         ]
@@ -237,18 +239,29 @@ class RunRecorder:
         """The β whose θ + β·A has the best mean normalised VAL accuracy (the first tried on
         ties; the mean val accuracy when no fine-tuned accuracy is known), from the grid or,
         when the grid's best is at an end, beyond it (strategies/server_step.py
-        search_server_lr, settings from the rule section). Test is recorded, never used."""
+        search_server_lr, settings from the rule section). Test is recorded, never used: with
+        ``search-test = "selected"`` (the default) only at the selected β, whose model the
+        round evaluates anyway, so a search costs val alone; with ``"every"`` at every β tried
+        (a row's test columns are None where test was not evaluated)."""
         start = time.perf_counter()
+        every = self.config.rule.search_test == "every"
+        splits = SPLITS if every else ("val",)
         rows: list[dict[str, object]] = []
         workers = self.evaluator.workers
         for first in range(0, len(candidates), workers):  # the grid: `workers` θ at a time
             group = candidates[first : first + workers]
-            self.evaluate_many([server_step(theta, update, c.beta) for c in group])
+            self.evaluate_many([server_step(theta, update, c.beta) for c in group], splits)
+
+        def test_columns(evaluations: Mapping[str, list[dict[str, float]]]) -> dict[str, object]:
+            test = self.split_summary(evaluations["test"], "test")
+            return {
+                "test_mean_accuracy": test["mean_accuracy"],
+                "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
+            }
 
         def score(candidate: ServerLrCandidate) -> float:
-            evaluations = self.evaluate(server_step(theta, update, candidate.beta))
+            evaluations = self.evaluate(server_step(theta, update, candidate.beta), splits)
             val = self.split_summary(evaluations["val"], "val")
-            test = self.split_summary(evaluations["test"], "test")
             normalized = val["mean_normalized_accuracy"]
             rows.append(
                 {
@@ -256,8 +269,11 @@ class RunRecorder:
                     "lambda": candidate.lam,
                     "val_mean_accuracy": val["mean_accuracy"],
                     "val_mean_normalized_accuracy": normalized,
-                    "test_mean_accuracy": test["mean_accuracy"],
-                    "test_mean_normalized_accuracy": test["mean_normalized_accuracy"],
+                    **(
+                        test_columns(evaluations)
+                        if every
+                        else dict.fromkeys(("test_mean_accuracy", "test_mean_normalized_accuracy"))
+                    ),
                 }
             )
             return float(val["mean_accuracy"] if normalized is None else normalized)  # type: ignore[arg-type]
@@ -265,6 +281,9 @@ class RunRecorder:
         result = search_server_lr(candidates, score, self.config.rule.search_settings())
         for index, (row, point) in enumerate(zip(rows, result.points, strict=True)):
             row |= {"stage": point.stage, "selected": index == result.best}
+        if not every:  # the selected model's test figures: the round's own evaluation reuses them
+            chosen = server_step(theta, update, result.selected.beta)
+            rows[result.best] |= test_columns(self.evaluate(chosen, ("test",)))
         self.beta_search.extend(rows)
         self.selected = result.selected
         self.selected_on_bound = result.on_bound
