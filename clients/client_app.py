@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 
 from clients.fault_injection import attack_update
 from clients.knobs import knobs_from_config
-from clients.update_cache import UpdateCache, cached_fine_tune
+from clients.update_cache import SUITE_INPUTS, UpdateCache, cached_fine_tune, resolve_cache_dir
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
@@ -53,9 +53,12 @@ class InjectedClientFailure(RuntimeError):
 
 
 @cache
-def cached_suite(suite_config: tuple[tuple[str, ConfigValue], ...]) -> TaskSuite:
-    """The task suite, built once per process (a Ray actor serves many messages)."""
-    return build_suite(dict(suite_config))
+def cached_suite(
+    suite_config: tuple[tuple[str, ConfigValue], ...], disk_cache: str | None = None
+) -> TaskSuite:
+    """The task suite, built once per process (a Ray actor serves many messages); what every
+    process computes alike is read from ``disk_cache`` when another made it (registry.py)."""
+    return build_suite(dict(suite_config), disk_cache)
 
 
 def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
@@ -64,7 +67,12 @@ def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
 
 
 def suite_from_config(config: ConfigRecord) -> TaskSuite:
-    return cached_suite(tuple(suite_config_of(config).items()))
+    """The message's suite, its shared inputs in <cache-dir>/suite-inputs (resolved on this node,
+    as the update cache; none when the server sends no cache-dir)."""
+    disk = None
+    if "cache-dir" in config:
+        disk = str(resolve_cache_dir(str(config["cache-dir"])) / SUITE_INPUTS)
+    return cached_suite(tuple(suite_config_of(config).items()), disk)
 
 
 def task_index_of(context: Context, suite: TaskSuite) -> int:

@@ -46,6 +46,9 @@ CACHE_VERSION = 1  # bump when local training changes what it returns for the sa
 _log = logging.getLogger(__name__)
 
 
+SUITE_INPUTS = "suite-inputs"  # <cache-dir>/suite-inputs: a suite's stored inputs (pretrained.py)
+
+
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """``cache-dir``; '' or None: the user cache dir vit-digits uses ($FL_SIM_CACHE, ...)."""
     if cache_dir is None or not str(cache_dir).strip():

@@ -13,6 +13,7 @@ are token ids as before; (f) ``federated_layers = "all"`` keeps the full pass; t
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 
@@ -25,7 +26,7 @@ from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.config.run_config import RunConfig
 from fl_sim.errors import ConfigError
-from fl_sim.suites import pretrained
+from fl_sim.suites import encoders, pretrained
 from fl_sim.suites.base import SPLITS, evaluate, federated_state, load_federated_state
 from fl_sim.suites.registry import build_suite, check_suite_config, make_suite
 
@@ -179,6 +180,75 @@ def test_the_probes_are_fitted_once_per_model_and_head_data(monkeypatch):
     reseeded = make_suite("text", seed=1, **SMALL_TOKENS).build_model()
     assert len(fits) == 4
     assert not torch.equal(reseeded.heads[0].weight, first.heads[0].weight)
+
+
+def fresh_memos(monkeypatch) -> None:
+    """A new process's memos: nothing computed in this one is reused."""
+    monkeypatch.setattr(pretrained, "_PREFIXES", OrderedDict())
+    monkeypatch.setattr(pretrained, "_PROBES", OrderedDict())
+
+
+def test_a_second_process_reads_the_prefix_and_probes_from_disk_the_very_tensors(
+    monkeypatch, tmp_path
+):
+    """The server stores the prefix and the probes; a client process (fresh memos) reads them:
+    no prefix pass, no probe fit, every tensor equal to computing them itself."""
+    fresh_memos(monkeypatch)
+    computed = make_suite("text", **SMALL_TOKENS)
+    computed_heads = computed.build_model().heads
+    fresh_memos(monkeypatch)
+    first = make_suite("text", disk_cache=tmp_path, **SMALL_TOKENS)
+    first_heads = first.build_model().heads
+    stored = sorted(path.name.split("-")[0] for path in tmp_path.glob("*.safetensors"))
+    assert stored == ["frozen", "probes"]
+    fresh_memos(monkeypatch)
+
+    def never(*args, **kwargs):
+        raise AssertionError("fitted again although it was on disk")
+
+    passes = []  # the prefix passes' sizes: only check_prefix's few examples run again
+    prefix = type(first.pretrained.encoder).prefix
+
+    def counted(encoder, x, first_block):
+        passes.append(len(x))
+        return prefix(encoder, x, first_block)
+
+    monkeypatch.setattr(pretrained, "probe_head", never)
+    monkeypatch.setattr(type(first.pretrained.encoder), "prefix", counted)
+    second = make_suite("text", disk_cache=tmp_path, **SMALL_TOKENS)
+    second_heads = second.build_model().heads
+    assert passes and max(passes) <= encoders.PREFIX_CHECK
+    assert second.cached_from == first.cached_from == computed.cached_from == 4
+    for suite in (first, second):
+        for task, other in zip(suite.tasks, computed.tasks, strict=True):
+            for split in SPLITS:
+                assert torch.equal(task.split(split)[0], other.split(split)[0])
+        assert suite.prefix_bytes == computed.prefix_bytes
+    for heads in (first_heads, second_heads):
+        for head, other in zip(heads, computed_heads, strict=True):
+            assert torch.equal(head.weight, other.weight) and torch.equal(head.bias, other.bias)
+
+
+def test_a_damaged_or_foreign_stored_prefix_is_never_trusted(monkeypatch, tmp_path, caplog):
+    """A stored file that fails its SHA-256 is made again; another θ₀ has another key."""
+    fresh_memos(monkeypatch)
+    reference = make_suite("text", disk_cache=tmp_path, **SMALL_TOKENS)
+    (stored,) = tmp_path.glob("frozen-prefix-*.safetensors")
+    payload = bytearray(stored.read_bytes())
+    payload[-1] ^= 0xFF
+    stored.write_bytes(bytes(payload))
+    fresh_memos(monkeypatch)
+    with caplog.at_level("WARNING"):
+        again = make_suite("text", disk_cache=tmp_path, **SMALL_TOKENS)
+    assert "fails its SHA-256" in caplog.text
+    for task, other in zip(again.tasks, reference.tasks, strict=True):
+        assert torch.equal(task.train_x, other.train_x)
+    encoder = reference.pretrained.encoder
+    other = copy.deepcopy(encoder)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1  # another θ₀, the same spec and inputs
+    assert pretrained.weights_digest(other) != pretrained.weights_digest(encoder)
+    assert pretrained.weights_digest(copy.deepcopy(encoder)) == pretrained.weights_digest(encoder)
 
 
 def test_minilm_training_and_evaluation_from_the_cache_match_the_full_pass(minilm_pair):

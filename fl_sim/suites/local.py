@@ -45,6 +45,7 @@ class LocalSuite(PretrainedSuite):
         max_tokens: int = 128,
         federated_layers: int | str | None = None,
         frozen_prefix_cache: bool = True,
+        disk_cache: str | Path | None = None,
         head_fraction: float | None = None,
     ) -> None:
         spec = parse_model_spec(model)
@@ -80,4 +81,5 @@ class LocalSuite(PretrainedSuite):
             federated_layers=federated_layers,
             seed=seed,
             frozen_prefix_cache=frozen_prefix_cache,
+            disk_cache=disk_cache,
         )

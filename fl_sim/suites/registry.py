@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite
@@ -280,13 +281,17 @@ def _num_suite_tasks(suite: str, paths: list[str]) -> int | float:
     return math.inf
 
 
-def build_suite(config: Mapping[str, object]) -> TaskSuite:
-    """The task suite of the suite keys in ``config`` (module docstring); checked first."""
+def build_suite(config: Mapping[str, object], disk_cache: str | Path | None = None) -> TaskSuite:
+    """The task suite of the suite keys in ``config`` (module docstring); checked first.
+
+    ``disk_cache``: a folder where the text and local suites keep what every process of a run
+    would otherwise compute alike (the frozen prefix's outputs, the probes;
+    fl_sim/suites/pretrained.py), the same figures either way; other suites ignore it."""
     check_suite_config(config)
     if adapter_enabled(config):  # the base suite with LoRA adapters (fl_sim/suites/lora.py)
         from fl_sim.suites.lora import lora_suite
 
-        return lora_suite(build_suite({**config, "adapter": "none"}), config)
+        return lora_suite(build_suite({**config, "adapter": "none"}, disk_cache), config)
     c = complete(config)
     name, shared = str(c["task-suite"]), bool(c["shared-head"])
     num_tasks, task = int(c["num-tasks"]), int(c["dirichlet-task"])  # type: ignore[call-overload]
@@ -298,6 +303,8 @@ def build_suite(config: Mapping[str, object]) -> TaskSuite:
         kwargs["federated_layers"] = layers
     if name in ("text", "local") and not c["frozen-prefix-cache"]:  # on: the suites' default
         kwargs["frozen_prefix_cache"] = False
+    if name in ("text", "local") and disk_cache is not None:
+        kwargs["disk_cache"] = disk_cache
     if name == "causal":
         kwargs["metric"] = str(c["causal-metric"])
     if name == "quadratic":

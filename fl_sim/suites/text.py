@@ -24,6 +24,7 @@ is kept as their output, and training and evaluation run only the top layers on 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from fl_sim.errors import ConfigError
 from fl_sim.suites.encoders import load_pretrained, parse_model_spec
@@ -49,6 +50,7 @@ class TextSuite(PretrainedSuite):
         max_tokens: int = 64,
         federated_layers: int | str | None = None,
         frozen_prefix_cache: bool = True,
+        disk_cache: str | Path | None = None,
     ) -> None:
         names = list(TEXT_TASKS) if tasks is None else list(tasks)
         if num_tasks is not None:
@@ -80,6 +82,7 @@ class TextSuite(PretrainedSuite):
             federated_layers=federated_layers,
             seed=seed,
             frozen_prefix_cache=frozen_prefix_cache,
+            disk_cache=disk_cache,
         )
 
     def metadata(self) -> dict[str, object]:
