@@ -224,7 +224,8 @@ class TrainingSection:
         default="",
         metadata=key_metadata(
             "cache-dir",
-            "folder of the update cache (<cache-dir>/updates/); '' = each client's user cache "
+            "folder of the update cache (<cache-dir>/updates/) and of the text and local "
+            "suites' stored inputs (<cache-dir>/suite-inputs/); '' = each node's user cache "
             "dir: $FL_SIM_CACHE, else $XDG_CACHE_HOME/fl-sim, else ~/.cache/fl-sim",
             kind="str",
         ),
