@@ -127,12 +127,16 @@ def fine_tune(
     loss_before = training_loss(model, groups)
 
     etas = learning_rates(knobs.schedule, knobs.lr, knobs.local_steps, knobs.warmup_steps)
-    optimizer = make_optimizer(knobs, federated_parameters(model))
+    # a text model's length pieces, and its optimizer's step, on the cores the machine leaves
+    # free: the same gradients and the same update
+    lanes = PieceLanes(model) if PieceLanes.applies(model, groups) else None
+    if lanes is not None:
+        optimizer = lanes.optimizer(lambda params: make_optimizer(knobs, params))
+    else:
+        optimizer = make_optimizer(knobs, federated_parameters(model))
     generator = torch.Generator().manual_seed(generator_seed(knobs.seed, round_index))
     batch_size = num_examples if full_batch else knobs.batch_size
     batches = minibatches(num_examples, batch_size, generator)
-    # a text model's length pieces on the cores the machine leaves free: the same gradients
-    lanes = PieceLanes(model) if PieceLanes.applies(model, groups) else None
     closing = contextlib.closing(lanes) if lanes is not None else contextlib.nullcontext()
     with torch.random.fork_rng(devices=[]), closing:
         torch.manual_seed(generator_seed(knobs.seed, round_index))  # LoRA dropout: global RNG

@@ -113,6 +113,47 @@ def test_results_hold_diversity_at_theta0_and_at_the_merged_model(tmp_path):
     assert off["diagnostics"] is None
 
 
+def test_unequal_tasks_keep_every_lane_busy_and_are_folded_in_task_order(monkeypatch):
+    """A slow first task does not hold the other lane: it computes the later tasks meanwhile
+    (a wave would wait), and the consumer still receives g_0, g_1, ... in order; an error in a
+    lane reaches the consumer."""
+    import threading
+    import time
+
+    from fl_sim.federation import diagnostics
+
+    suite = make_suite("toy", num_tasks=5, seed=1)
+    started, real = [], diagnostics.task_gradient
+    gate = threading.Event()
+
+    def slow_first(suite, model, t, batch_size):
+        started.append(t)
+        if t == 0:
+            assert gate.wait(10), "the other lane never reached task 3"
+        elif t == 3:
+            gate.set()  # task 3 started while task 0 still ran: no wave barrier
+        return real(suite, model, t, batch_size)
+
+    monkeypatch.setattr(diagnostics, "task_gradient", slow_first)
+    state = suite.initial_state()
+    gradients = list(diagnostics.task_gradients(suite, state, 64, workers=2))
+    monkeypatch.setattr(diagnostics, "task_gradient", real)
+    expected = list(diagnostics.task_gradients(suite, state, 64, workers=1))
+    assert len(gradients) == 5 and set(started) == set(range(5))
+    for got, want in zip(gradients, expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+    def broken(suite, model, t, batch_size):
+        if t == 2:
+            raise RuntimeError("task 2 failed")
+        time.sleep(0.01)
+        return real(suite, model, t, batch_size)
+
+    monkeypatch.setattr(diagnostics, "task_gradient", broken)
+    with pytest.raises(RuntimeError, match="task 2 failed"):
+        list(diagnostics.task_gradients(suite, state, 64, workers=2))
+
+
 @pytest.mark.parametrize("mixing", [0.0, 0.5])
 @pytest.mark.parametrize("workers", [2, 3])
 def test_parallel_gradients_give_the_serial_figures_bit_for_bit(workers, mixing):

@@ -3,12 +3,15 @@
 Claims: (a) a client's fine-tune gives a bit-identical Δ_t and losses whether its steps run as
 one autograd graph (as before the lanes) or their pieces on 1, 2 or 3 lanes, on the real
 all-MiniLM-L6-v2 from the cached prefix, on a tiny BERT with every layer federated (token ids,
-embeddings trained), and with a shared, trained head; (b) the lanes apply only where the pieces
+embeddings trained), and with a shared, trained head, its optimizer (AdamW, SGD, SGD with
+momentum) split into parts that step side by side; (b) the lanes apply only where the pieces
 can run apart; (c) ``CoreMeter`` counts as free what the rest of the machine left idle, so a
 client never takes the core another client is using.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from clients.knobs import TrainingKnobs
 from clients.local_training import fine_tune
 from fl_sim.suites.lora import LoraSuite
 from fl_sim.suites.lora_settings import LoraSettings
-from fl_sim.suites.piece_lanes import CoreMeter, PieceLanes
+from fl_sim.suites.piece_lanes import CoreMeter, PieceLanes, balanced_parts
 from fl_sim.suites.registry import make_suite
 from fl_sim.suites.shared_head import SharedHeadSuite
 
@@ -34,19 +37,20 @@ def minilm():
     return make_suite("text", **SMALL)
 
 
-def fine_tunes(suite, monkeypatch, lanes_list=(1, 2, 3), t=1):
-    """The one-graph fine-tune, then one per number of lanes in ``lanes_list``."""
+def fine_tunes(suite, monkeypatch, lanes_list=(1, 2, 3), t=1, knobs=KNOBS):
+    """The one-graph fine-tune (one optimizer, one thread), then one per number of lanes in
+    ``lanes_list`` (the parameters in 3 parts, each with its own optimizer)."""
     applies = PieceLanes.applies
     theta0 = suite.initial_state()
     with monkeypatch.context() as patch:
         patch.setattr(PieceLanes, "applies", staticmethod(lambda model, groups: False))
-        results = [fine_tune(suite, t, theta0, KNOBS, round_index=1)]
+        results = [fine_tune(suite, t, theta0, knobs, round_index=1)]
     assert applies(suite.build_model(), suite.training_groups(t))
     for lanes in lanes_list:
         with monkeypatch.context() as patch:
             patch.setattr(CoreMeter, "lanes", lambda self, most, n=lanes: min(n, most))
             patch.setattr(piece_lanes, "cores_of_process", lambda: 3)
-            results.append(fine_tune(suite, t, theta0, KNOBS, round_index=1))
+            results.append(fine_tune(suite, t, theta0, knobs, round_index=1))
     return results
 
 
@@ -65,6 +69,29 @@ def test_minilm_from_the_cached_prefix_is_bit_identical_on_any_number_of_lanes(m
     x = minilm.training_groups(1)[0].x[:16]
     assert len(minilm.build_model().encoder.pieces(x)[1]) > 2  # the batches have pieces to share
     assert_bit_identical(fine_tunes(minilm, monkeypatch))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum"])
+def test_the_split_optimizer_steps_sgd_bit_identically_too(minilm, monkeypatch, optimizer):
+    """Each part's optimizer moves its parameters as the one optimizer does (weight decay and
+    momentum included)."""
+    knobs = dataclasses.replace(KNOBS, optimizer=optimizer, lr=0.05, weight_decay=0.01)
+    assert_bit_identical(fine_tunes(minilm, monkeypatch, (1, 3), knobs=knobs))
+
+
+def test_balanced_parts_are_contiguous_non_empty_and_even():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=generator))
+        sizes = torch.randint(1, 100, (n,), generator=generator).tolist()
+        for count in (1, 2, 3, 5):
+            parts = balanced_parts(sizes, count)
+            assert [j for part in parts for j in part] == list(range(n))
+            assert len(parts) == min(count, n) and all(parts)
+            totals = [sum(sizes[j] for j in part) for part in parts]
+            assert max(totals) - min(totals) <= 2 * max(sizes)
+    assert balanced_parts([5, 5, 5, 5], 2) == [[0, 1], [2, 3]]
+    assert balanced_parts([], 2) == [[]]
 
 
 def test_tiny_bert_with_every_layer_federated_is_bit_identical(tmp_path, monkeypatch):

@@ -17,17 +17,18 @@ mixing = 1 gives every client the same batch and ζ² = 0). The g_t are computed
 and folded into Σ_t p_t ‖g_t‖² and ḡ in float64, so memory stays one model's worth whatever T
 (holding all T gradients for a Gram matrix G_ij = ⟨g_i, g_j⟩, as this module first did, took the
 server from 0.5 to 4.7 GiB for 16 MiniLM-sized tasks; one pass peaks at 1.0 GiB, measured).
-With ``workers`` > 1 the g_t are computed ``workers`` at a time on as many threads, each with its
-own model and torch at one intra-op thread (as the server's evaluation:
-fl_sim/federation/evaluation.py), and still folded in task order: memory is ``workers`` models and
-gradients. The figures are the serial pass's to float rounding: bit-identical on the toy suite
-(tests/test_diagnostics.py); on the digits suite ζ² at θ₀ moved in its 11th significant digit
-(516.34413188793 → 516.34413188343), the backward pass's rounding at one intra-op thread
-instead of torch's two.
+With ``workers`` > 1 the g_t are computed on as many threads, each with its own model and torch at
+one intra-op thread (as the server's evaluation: fl_sim/federation/evaluation.py), each thread
+taking the next task as soon as it is free, and still folded in task order: memory is ``workers``
+models and at most 2·``workers`` + 1 gradients. The figures are the serial pass's to float
+rounding: bit-identical on the toy suite (tests/test_diagnostics.py); on the digits suite ζ² at
+θ₀ moved in its 11th significant digit (516.34413188793 → 516.34413188343), the backward pass's
+rounding at one intra-op thread instead of torch's two.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,25 +64,67 @@ def task_gradients(
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(len(models), thread_name_prefix="fl-sim-zeta") as pool:
-            for first in range(0, suite.num_tasks, len(models)):
-                tasks = range(first, min(first + len(models), suite.num_tasks))
-                futures = [
-                    pool.submit(_one_thread_gradient, suite, models[i], t, batch_size)
-                    for i, t in enumerate(tasks)
-                ]
-                for future in futures:
-                    yield future.result()
+            yield from _in_task_order(pool, models, suite, batch_size)
     finally:
         torch.set_num_threads(threads)
 
 
-def _one_thread_gradient(
-    suite: TaskSuite, model: torch.nn.Module, t: int, batch_size: int
-) -> list[torch.Tensor]:
-    """``task_gradient`` at one intra-op thread in this (pool) thread: PyTorch keeps a count per
-    thread, and a pool thread started while another thread had set a different one inherits it."""
-    torch.set_num_threads(1)
-    return task_gradient(suite, model, t, batch_size)
+def _in_task_order(
+    pool: ThreadPoolExecutor,
+    models: Sequence[torch.nn.Module],
+    suite: TaskSuite,
+    batch_size: int,
+) -> Iterator[list[torch.Tensor]]:
+    """g_0..g_{T−1} in order, computed by one lane per model, each lane taking the next task as
+    soon as it is free (tasks of unequal size leave no lane waiting for a wave to end), and at
+    most ``2 · lanes`` tasks ahead of the one the consumer folds (memory stays bounded)."""
+    num_tasks, ahead = suite.num_tasks, 2 * len(models)
+    ready: dict[int, list[torch.Tensor]] = {}
+    turn = threading.Condition()
+    state: dict[str, object] = {"next": 0, "folded": 0, "error": None, "closed": False}
+
+    def stopped() -> bool:
+        return state["error"] is not None or bool(state["closed"])
+
+    def lane(model: torch.nn.Module) -> None:
+        torch.set_num_threads(1)  # PyTorch keeps a count per thread: set this one's own
+        while True:
+            with turn:
+                while int(state["next"]) - int(state["folded"]) >= ahead and not stopped():
+                    turn.wait()
+                t = int(state["next"])
+                if t >= num_tasks or stopped():
+                    return
+                state["next"] = t + 1
+            try:
+                gradient = task_gradient(suite, model, t, batch_size)
+            except BaseException as error:  # handed to the consumer, raised there
+                with turn:
+                    state["error"] = error
+                    turn.notify_all()
+                return
+            with turn:
+                ready[t] = gradient
+                turn.notify_all()
+
+    lanes = [pool.submit(lane, model) for model in models]
+    try:
+        for t in range(num_tasks):
+            with turn:
+                while t not in ready and state["error"] is None:
+                    turn.wait()
+                if state["error"] is not None:
+                    raise state["error"]  # type: ignore[misc]
+                gradient = ready.pop(t)
+                state["folded"] = t + 1
+                turn.notify_all()
+            yield gradient
+    finally:
+        with turn:
+            state["closed"] = True
+            turn.notify_all()
+        for future in lanes:
+            future.result()
 
 
 def task_gradient(

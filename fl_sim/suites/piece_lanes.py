@@ -14,6 +14,13 @@ one pass on one thread, whichever number of lanes ran it (tests/test_piece_lanes
 pieces cannot run apart (LoRA's dropout draws from the global RNG; a mixing client's several
 groups; off the CPU) the step is the one-graph backward.
 
+What is left of a step runs on the lanes too, bit for bit: each parameter's sum of its pieces'
+gradients (in that same order), and the optimizer's step. Every optimizer here (AdamW, SGD, SGD
+with momentum) moves a parameter from its own gradient and state alone, so the parameters are
+cut once into ``max_lanes`` contiguous parts of about equal size, each with its own optimizer of
+the same settings (``SplitOptimizer``): a part's step is the one optimizer's step restricted to
+it, and the parts step side by side.
+
 How many lanes: a client trains on one torch thread because the other clients hold the other
 cores. When the machine has a core to spare (five clients on two cores train in three waves, the
 last one alone), the step takes it: ``CoreMeter`` reads what the rest of the machine used over
@@ -115,7 +122,14 @@ class PieceLanes:
         self.params = federated_parameters(model)
         self.max_lanes = cores_of_process()
         self.meter = CoreMeter(self.max_lanes)
+        self.parts = balanced_parts([p.numel() for p in self.params], self.max_lanes)
         self._pool: ThreadPoolExecutor | None = None
+
+    def optimizer(
+        self, make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    ) -> SplitOptimizer:
+        """``make``'s optimizer over the federated parameters, one per part (module docstring)."""
+        return SplitOptimizer([make([self.params[j] for j in part]) for part in self.parts], self)
 
     @staticmethod
     def applies(model: MultiTaskModel, groups: Sequence[TrainingGroup]) -> bool:
@@ -160,14 +174,30 @@ class PieceLanes:
             return torch.autograd.grad(parts[p], self.params, leaves[p].grad, allow_unused=True)
 
         grads = self._on_lanes(backward, costs, lanes)
-        for j, param in enumerate(self.params):
-            total = None
-            for p in reversed(range(len(parts))):  # the engine's order: the last piece first
-                g = grads[p][j]
-                if g is not None:
-                    total = g if total is None else total + g
-            if total is not None:
-                param.grad = total if param.grad is None else param.grad + total
+
+        def add_up(k: int) -> None:
+            for j in self.parts[k]:
+                param, total = self.params[j], None
+                for p in reversed(range(len(parts))):  # the engine's order: the last piece first
+                    g = grads[p][j]
+                    if g is not None:
+                        total = g if total is None else total + g
+                if total is not None:
+                    param.grad = total if param.grad is None else param.grad + total
+
+        self.on_parts(add_up, lanes)
+
+    def on_parts(self, work: Callable[[int], None], lanes: int | None = None) -> None:
+        """``work(k)`` for every part k of the parameters, on ``lanes`` lanes (None: as many
+        as the machine leaves free)."""
+        if lanes is None:
+            lanes = self.meter.lanes(self.max_lanes)
+        lanes = min(lanes, len(self.parts))
+        if lanes <= 1:
+            for k in range(len(self.parts)):
+                work(k)
+            return
+        on_lanes(self._threads(), lanes, range(len(self.parts)), lambda lane, k: work(k))
 
     def _on_lanes(self, work: Callable[[int], T], costs: Sequence[int], lanes: int) -> list[T]:
         """``work(p)`` for every piece p, the costliest first; the results in piece order."""
@@ -179,6 +209,50 @@ class PieceLanes:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.max_lanes, thread_name_prefix="fl-sim-piece")
         return self._pool
+
+
+class SplitOptimizer:
+    """One optimizer per part of the parameters (``PieceLanes.optimizer``), used as one: the
+    training loop sets each group's learning rate, zeroes the gradients and steps; the parts
+    step on the lanes the machine leaves free."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], lanes: PieceLanes):
+        self.optimizers = list(optimizers)
+        self.lanes = lanes
+
+    @property
+    def param_groups(self) -> list[dict[str, object]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.lanes.on_parts(lambda k: self.optimizers[k].step())
+
+
+def balanced_parts(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """``sizes``' indices cut into ``count`` (at most ``len(sizes)``, at least 1) contiguous,
+    non-empty parts whose totals are about equal: part k ends where the running total comes
+    closest to (k + 1)/count of the whole."""
+    count = max(1, min(count, len(sizes)))
+    whole = sum(sizes)
+    parts: list[list[int]] = []
+    start, done = 0, 0
+    for k in range(count):
+        end = len(sizes)
+        if k < count - 1:
+            target = whole * (k + 1) / count
+            end, done = start + 1, done + sizes[start]
+            while end < len(sizes) - (count - k - 1) and abs(done + sizes[end] - target) <= abs(
+                done - target
+            ):
+                done += sizes[end]
+                end += 1
+        parts.append(list(range(start, end)))
+        start = end
+    return parts
 
 
 def on_lanes(
