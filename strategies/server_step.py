@@ -85,13 +85,16 @@ def search_server_lr(
     candidates: Sequence[ServerLrCandidate],
     score: Callable[[ServerLrCandidate], float],
     settings: SearchSettings = SearchSettings(),
+    prefetch: Callable[[Sequence[ServerLrCandidate]], None] | None = None,
 ) -> SearchResult:
     """Score the grid, extend it geometrically past the end the best β sits on, then refine
     between the best β's neighbours; every extra point is another β for the same A.
 
     The best is the highest score, the earliest tried on ties, so an extension or a refinement
     replaces it only when strictly better and the search stops on a plateau. ``score`` is the
-    validation figure; nothing else is read."""
+    validation figure; nothing else is read. ``prefetch``, when given, is told the candidates of
+    each step before they are scored one by one (the grid; a refinement's two neighbours), so a
+    caller may evaluate them together; it must not change any score."""
     if not candidates:
         raise ValueError("a β search needs at least one candidate")
     points: list[SearchPoint] = []
@@ -105,6 +108,8 @@ def search_server_lr(
     def ordered() -> list[int]:
         return sorted(range(len(points)), key=lambda i: points[i].candidate.beta)
 
+    if prefetch is not None:
+        prefetch(candidates)
     for candidate in candidates:
         tried(candidate, "grid")
     below = above = 0
@@ -122,10 +127,15 @@ def search_server_lr(
         order, i = ordered(), best()
         position = order.index(i)
         here = points[i].candidate
-        for j in (position - 1, position + 1):
-            if 0 <= j < len(order):
-                there = points[order[j]].candidate
-                tried(_scaled(here, math.sqrt(there.beta / here.beta)), "refine")
+        step = [
+            _scaled(here, math.sqrt(points[order[j]].candidate.beta / here.beta))
+            for j in (position - 1, position + 1)
+            if 0 <= j < len(order)
+        ]
+        if prefetch is not None and len(step) > 1:
+            prefetch(step)
+        for candidate in step:
+            tried(candidate, "refine")
     order, i = ordered(), best()
     return SearchResult(tuple(points), i, len(points) > 1 and i in (order[0], order[-1]))
 

@@ -337,6 +337,37 @@ def test_a_bad_search_test_is_a_one_line_config_error():
         config(search_test="all")
 
 
+def test_prefetch_sees_each_step_before_it_is_scored_and_changes_nothing():
+    """The grid, then each refinement's two neighbours, are announced before their scores are
+    asked; an extension (one β) is not. The search is the same with and without it."""
+
+    def score(candidate):
+        return 1 / (1 + abs(math.log(candidate.beta / 0.3)))
+
+    settings = SearchSettings(extend=True, max_extensions=3, refine=2)
+    plain = search_server_lr(GRID, score, settings)
+    events = []
+
+    def scored(candidate):
+        events.append(("score", candidate.beta))
+        return score(candidate)
+
+    fetched = search_server_lr(
+        GRID,
+        scored,
+        settings,
+        prefetch=lambda step: events.append(("fetch", [c.beta for c in step])),
+    )
+    assert fetched == plain
+    fetches = [e for e in events if e[0] == "fetch"]
+    assert fetches[0] == ("fetch", [c.beta for c in GRID])
+    assert [len(f[1]) for f in fetches[1:]] == [2, 2]
+    for index, event in enumerate(events):  # every announced β is scored right after
+        if event[0] == "fetch":
+            following = [e[1] for e in events[index + 1 : index + 1 + len(event[1])]]
+            assert following == event[1]
+
+
 def test_the_tables_flag_a_beta_on_a_bound():
     from fl_sim.cli.run import summary_table
     from fl_sim.experiments.compare import table

@@ -33,6 +33,7 @@ from strategies.server_step import ServerLrCandidate, search_server_lr, server_s
 
 QUADRATIC_FILE = "quadratic.safetensors"
 MODEL_FOLDERS = "hf"  # results-dir/hf/<name>: Hugging Face folders of a suite that writes them
+PREFETCH_BYTES = 256 * 2**20  # the β candidates' states a search holds at once to evaluate them
 
 
 class RunRecorder:
@@ -247,10 +248,15 @@ class RunRecorder:
         every = self.config.rule.search_test == "every"
         splits = SPLITS if every else ("val",)
         rows: list[dict[str, object]] = []
-        workers = self.evaluator.workers
-        for first in range(0, len(candidates), workers):  # the grid: `workers` θ at a time
-            group = candidates[first : first + workers]
-            self.evaluate_many([server_step(theta, update, c.beta) for c in group], splits)
+        state_bytes = sum(t.numel() * t.element_size() for t in update.values())
+        group_size = max(self.evaluator.workers, PREFETCH_BYTES // max(state_bytes, 1))
+
+        def prefetch(step: Sequence[ServerLrCandidate]) -> None:
+            """A step's candidates in one parallel request (the grid: as many θ at a time as
+            fit in PREFETCH_BYTES, at least one per worker)."""
+            for first in range(0, len(step), group_size):
+                group = step[first : first + group_size]
+                self.evaluate_many([server_step(theta, update, c.beta) for c in group], splits)
 
         def test_columns(evaluations: Mapping[str, list[dict[str, float]]]) -> dict[str, object]:
             test = self.split_summary(evaluations["test"], "test")
@@ -278,7 +284,7 @@ class RunRecorder:
             )
             return float(val["mean_accuracy"] if normalized is None else normalized)  # type: ignore[arg-type]
 
-        result = search_server_lr(candidates, score, self.config.rule.search_settings())
+        result = search_server_lr(candidates, score, self.config.rule.search_settings(), prefetch)
         for index, (row, point) in enumerate(zip(rows, result.points, strict=True)):
             row |= {"stage": point.stage, "selected": index == result.best}
         if not every:  # the selected model's test figures: the round's own evaluation reuses them
