@@ -39,7 +39,7 @@ from flwr.clientapp import ClientApp
 
 from clients.fault_injection import attack_update
 from clients.knobs import knobs_from_config
-from clients.update_cache import SUITE_INPUTS, UpdateCache, cached_fine_tune, resolve_cache_dir
+from clients.update_cache import UpdateCache, cached_fine_tune, suite_inputs_dir
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.errors import ConfigError
 from fl_sim.suites.base import TaskSuite, evaluate, load_federated_state
@@ -69,9 +69,7 @@ def suite_config_of(config: ConfigRecord) -> dict[str, ConfigValue]:
 def suite_from_config(config: ConfigRecord) -> TaskSuite:
     """The message's suite, its shared inputs in <cache-dir>/suite-inputs (resolved on this node,
     as the update cache; none when the server sends no cache-dir)."""
-    disk = None
-    if "cache-dir" in config:
-        disk = str(resolve_cache_dir(str(config["cache-dir"])) / SUITE_INPUTS)
+    disk = str(suite_inputs_dir(str(config["cache-dir"]))) if "cache-dir" in config else None
     return cached_suite(tuple(suite_config_of(config).items()), disk)
 
 

@@ -49,6 +49,11 @@ _log = logging.getLogger(__name__)
 SUITE_INPUTS = "suite-inputs"  # <cache-dir>/suite-inputs: a suite's stored inputs (pretrained.py)
 
 
+def suite_inputs_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """<cache-dir>/suite-inputs, resolved on this node as the update cache is."""
+    return resolve_cache_dir(cache_dir) / SUITE_INPUTS
+
+
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """``cache-dir``; '' or None: the user cache dir vit-digits uses ($FL_SIM_CACHE, ...)."""
     if cache_dir is None or not str(cache_dir).strip():

@@ -46,7 +46,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from clients.knobs import knobs_to_config
-from clients.update_cache import SUITE_INPUTS, resolve_cache_dir
+from clients.update_cache import suite_inputs_dir
 from fl_sim.checkpoints.array_records import record_to_tensors, tensors_to_record
 from fl_sim.checkpoints.safetensors_io import save_tensors
 from fl_sim.config.run_config import RunConfig
@@ -227,8 +227,7 @@ def run_federation(
     """The whole run (module docstring); returns what it wrote to results.json."""
     start = time.perf_counter()
     with _BUILDING:  # the clients read the inputs it stores (clients/client_app.py)
-        disk = resolve_cache_dir(config.training.cache_dir) / SUITE_INPUTS
-        suite = build_suite(config.suite_config(), disk)
+        suite = build_suite(config.suite_config(), suite_inputs_dir(config.training.cache_dir))
         theta0 = suite.initial_state()
     out = Path(config.output.results_dir)
     out.mkdir(parents=True, exist_ok=True)
